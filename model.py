@@ -1,0 +1,277 @@
+"""The Llama-family transformer, written for fast batch-1 decoding and for LayerSkip.
+
+Besides the usual full forward, the model splits at an exit layer E into two partial passes:
+`early` (layers [0, E), which also records the hidden state at E in the exit cache) and `late`
+(layers [E, L)). Self-speculative decoding drafts with `head(early(...))` and verifies with
+`head(late(exit_cache[...]))`, so every KV entry and every early hidden state is computed once.
+"""
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layer: int = 32
+    n_head: int = 32
+    n_kv_head: int = 32
+    head_dim: int = 128
+    intermediate_size: int = 11008
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Llama 3.x: {"rope_type": "llama3", "factor": ..., ...}
+    max_seq_length: int = 4096  # the model's context (max_position_embeddings)
+    tie_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> "ModelArgs":
+        """Reads a Hugging Face Llama `config.json`; any size, no table of known models."""
+        n_head = config["num_attention_heads"]
+        # Older configs (the released checkpoints) say rope_theta + rope_scaling; transformers 5
+        # writes both into rope_parameters.
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        rope_base = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("llama3", "default"):
+            raise ValueError(f"rope type {kind!r} is not supported (only default and llama3)")
+        scaling = None
+        if kind == "llama3":
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            scaling = {key: rope[key] for key in keys}
+        return cls(
+            vocab_size=config["vocab_size"],
+            dim=config["hidden_size"],
+            n_layer=config["num_hidden_layers"],
+            n_head=n_head,
+            n_kv_head=config.get("num_key_value_heads") or n_head,
+            head_dim=config.get("head_dim") or config["hidden_size"] // n_head,
+            intermediate_size=config["intermediate_size"],
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_base=rope_base,
+            rope_scaling=scaling,
+            max_seq_length=config.get("max_position_embeddings", 2048),
+            tie_embeddings=config.get("tie_word_embeddings", False),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelArgs":
+        """Reads the engine's own `model_config.json`; unknown or missing keys are an error."""
+        try:
+            config = json.loads(Path(path).read_text())
+            return cls(**{f.name: config[f.name] for f in fields(cls)})
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot read model config {path}: {e}") from None
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+class KVCache(nn.Module):
+    """Static cache for one layer, allocated once; written in place at the given positions."""
+
+    def __init__(self, batch: int, length: int, n_kv_head: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape = (batch, n_kv_head, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layer))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.exit_layer = args.n_layer  # E; layers [0, E) are "early", [E, L) "late"
+        self.exit_cache: Optional[Tensor] = None
+        self.rope: Optional[Tensor] = None
+        self.cache_length = 0
+
+    def setup_rope(self, length: int) -> None:
+        device = self.tok_embeddings.weight.device
+        self.rope = precompute_rope(length, self.args, device)
+
+    def setup_caches(self, batch: int, length: int, exit_layer: Optional[int] = None) -> None:
+        """Allocates every layer's KV cache (and, with an exit layer, the exit cache) once.
+
+        `length` may exceed the model's context by the slack self-speculation needs: positions
+        past the context are written by rejected drafts only, never emitted.
+        """
+        weight = self.output.weight
+        self.cache_length = length
+        self.exit_layer = self.args.n_layer if exit_layer is None else exit_layer
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(
+                batch, length, self.args.n_kv_head, self.args.head_dim, weight.dtype
+            ).to(weight.device)
+        self.exit_cache = torch.zeros(batch, length, self.args.dim, dtype=weight.dtype, device=weight.device)
+        self.setup_rope(length)
+
+    def _mask(self, input_pos: Tensor) -> Tensor:
+        # Query at position p sees cache entries 0..p only: entries past it are stale drafts.
+        key_pos = torch.arange(self.cache_length, device=input_pos.device)
+        return key_pos[None, :] <= input_pos[:, None]
+
+    def run_layers(self, x: Tensor, input_pos: Tensor, start: int, end: int) -> Tensor:
+        mask = self._mask(input_pos)
+        rope = self.rope[input_pos]
+        for layer in self.layers[start:end]:
+            x = layer(x, rope, input_pos, mask)
+        return x
+
+    def early(self, idx: Tensor, input_pos: Tensor) -> Tensor:
+        """Layers [0, E) on tokens at `input_pos`; keeps their hidden state at E in the exit cache."""
+        h = self.run_layers(self.tok_embeddings(idx), input_pos, 0, self.exit_layer)
+        self.exit_cache.index_copy_(1, input_pos, h)
+        return h
+
+    def late(self, h: Tensor, input_pos: Tensor) -> Tensor:
+        """Layers [E, L) on exit-layer hidden states at `input_pos`."""
+        return self.run_layers(h, input_pos, self.exit_layer, self.args.n_layer)
+
+    def head(self, h: Tensor) -> Tensor:
+        """The one shared final norm + LM head, used by every exit."""
+        return self.output(self.norm(h))
+
+    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
+        return self.head(self.late(self.early(idx, input_pos), input_pos))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: Tensor, rope: Tensor, input_pos: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_kv_head, args.head_dim
+        # q, k and v in one matrix: one weight read per token instead of three.
+        self.wqkv = nn.Linear(args.dim, (args.n_head + 2 * args.n_kv_head) * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: Tensor, rope: Tensor, input_pos: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
+        bsz, seqlen, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(bsz, seqlen, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(bsz, seqlen, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(bsz, seqlen, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        else:  # training: the whole sequence at once, plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 like the reference implementation, then cast back.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(args: ModelArgs) -> Tensor:
+    """Inverse frequencies, with Llama 3.x's rescaling of the long wavelengths when configured."""
+    inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_context = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    smooth = (old_context / wavelen - low) / (high - low)
+    mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    in_band = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(in_band, mid, scaled)
+
+
+def precompute_rope(length: int, args: ModelArgs, device: torch.device) -> Tensor:
+    """cos and sin for every position, shape (length, 2, head_dim), float32."""
+    inv_freq = rope_frequencies(args).to(device)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return torch.stack([angles.cos(), angles.sin()], dim=1)
+
+
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    # Hugging Face's half-split layout ("rotate_half"), so converted weights need no permutation.
+    cos, sin = rope[:, 0].to(x.dtype), rope[:, 1].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def load_model(checkpoint_path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    """Builds the model on the meta device and assigns the memory-mapped weights to it.
+
+    `model_config.json` sits beside the checkpoint. Raises ValueError / FileNotFoundError with a
+    message fit for one line on stderr.
+    """
+    checkpoint_path = Path(checkpoint_path)
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
+    args = ModelArgs.load(checkpoint_path.parent / "model_config.json")
+    with torch.device("meta"):
+        model = Transformer(args)
+    try:
+        state = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
+    except Exception as e:  # a truncated or foreign file: torch raises many kinds of error
+        raise ValueError(f"cannot read checkpoint {checkpoint_path}: {str(e).splitlines()[0]}") from None
+    if args.tie_embeddings and "tok_embeddings.weight" in state:  # stored once; tie for a strict load
+        state["output.weight"] = state["tok_embeddings.weight"]
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise ValueError(f"checkpoint {checkpoint_path} does not match model_config.json: {detail}") from None
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.to(device=device, dtype=dtype).eval()
