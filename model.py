@@ -101,8 +101,9 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.exit_layer = args.n_layer  # E; layers [0, E) are "early", [E, L) "late"
-        self.exit_cache: Optional[Tensor] = None
-        self.rope: Optional[Tensor] = None
+        # Buffers, not plain attributes, so a CUDA graph treats them as static memory.
+        self.register_buffer("exit_cache", None, persistent=False)
+        self.register_buffer("rope", None, persistent=False)
         self.cache_length = 0
 
     def setup_rope(self, length: int) -> None:

@@ -1,0 +1,140 @@
+"""Converts a Hugging Face Llama checkpoint folder (or hub repo) to the engine's format.
+
+Writes DIR/model.pth (our parameter names, q/k/v fused), DIR/model_config.json and
+DIR/tokenizer.model. Every file is written under a temporary name and renamed, so an
+interrupted run never leaves a file that looks complete.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from model import ModelArgs
+
+# Hugging Face name (after "model.layers.{i}.") -> ours (after "layers.{i}.")
+LAYER_NAMES = {
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "output.weight"}
+
+
+def weight_files(checkpoint_dir: Path) -> list[Path]:
+    """The shards, from the index where there is one; safetensors preferred over .bin."""
+    for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"),
+                                ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
+        index = checkpoint_dir / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [checkpoint_dir / s for s in shards]
+        files = sorted(checkpoint_dir.glob(pattern))
+        if files:
+            return files
+    raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin in {checkpoint_dir}")
+
+
+def read_shard(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def convert_state_dict(hf_state: dict, args: ModelArgs) -> dict:
+    state = {ours: hf_state[theirs] for theirs, ours in TOP_NAMES.items() if theirs in hf_state}
+    if args.tie_embeddings:
+        state.pop("output.weight", None)  # the head is the embedding; store it once
+    for i in range(args.n_layer):
+        prefix = f"model.layers.{i}."
+        for theirs, ours in LAYER_NAMES.items():
+            state[f"layers.{i}.{ours}"] = hf_state[prefix + theirs]
+        state[f"layers.{i}.attention.wqkv.weight"] = torch.cat([hf_state[prefix + name] for name in QKV])
+    return state
+
+
+def atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def convert(checkpoint_dir: Path) -> None:
+    checkpoint_dir = Path(checkpoint_dir)
+    config_path = checkpoint_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in {checkpoint_dir}")
+    args = ModelArgs.from_hf_config(json.loads(config_path.read_text()))
+    tokenizer = next((p for p in (checkpoint_dir / "tokenizer.model", checkpoint_dir / "original" / "tokenizer.model")
+                      if p.is_file()), None)
+    if tokenizer is None:
+        raise FileNotFoundError(f"no tokenizer.model or original/tokenizer.model in {checkpoint_dir}")
+
+    hf_state = {}
+    for shard in tqdm(weight_files(checkpoint_dir), desc="reading shards", unit="shard", file=sys.stderr):
+        hf_state.update(read_shard(shard))
+    try:
+        state = convert_state_dict(hf_state, args)
+    except KeyError as e:
+        raise ValueError(f"{checkpoint_dir} is missing weight {e.args[0]} for a {args.n_layer}-layer Llama") from None
+
+    # model.pth is renamed last: its presence means the conversion finished.
+    atomic_write(checkpoint_dir / "model_config.json", args.save)
+    if tokenizer != checkpoint_dir / "tokenizer.model":
+        atomic_write(checkpoint_dir / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer, tmp))
+    atomic_write(checkpoint_dir / "model.pth", lambda tmp: torch.save(state, tmp))
+    print(f"wrote {checkpoint_dir / 'model.pth'} ({args.n_layer} layers, dim {args.dim})", file=sys.stderr)
+
+
+def download(repo_id: str, checkpoint_dir: Optional[Path]) -> Path:
+    """Fetches only what conversion reads; the token comes from HF_TOKEN."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, GatedRepoError
+    target = checkpoint_dir or Path("checkpoints") / repo_id
+    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model",
+                "original/tokenizer.model"]
+    try:
+        snapshot_download(repo_id, local_dir=target, allow_patterns=patterns, token=os.environ.get("HF_TOKEN"))
+    except GatedRepoError:
+        raise ValueError(f"{repo_id} is gated: accept its licence on the hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"{repo_id} not found on the hub (or HF_TOKEN lacks access)") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise ValueError(f"cannot download {repo_id}: {str(e).splitlines()[0]}") from None
+    if not any(target.glob("*.safetensors")):  # repos with .bin weights only
+        snapshot_download(repo_id, local_dir=target, allow_patterns=["pytorch_model*.bin*"],
+                          token=os.environ.get("HF_TOKEN"))
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint_dir", type=Path, help="folder with config.json, weights and tokenizer.model")
+    parser.add_argument("--repo_id", help="download this hub repo first (e.g. facebook/layerskip-llama3.2-1B)")
+    args = parser.parse_args()
+    if args.checkpoint_dir is None and args.repo_id is None:
+        parser.error("give --checkpoint_dir, --repo_id or both")
+    try:
+        checkpoint_dir = download(args.repo_id, args.checkpoint_dir) if args.repo_id else args.checkpoint_dir
+        convert(checkpoint_dir)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
