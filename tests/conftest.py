@@ -1,0 +1,71 @@
+"""Tiny Hugging Face Llama checkpoints, made offline, converted once per test session.
+
+Two styles, as the LayerSkip checkpoints come: "llama2" (untied head, multi-head attention,
+SentencePiece) and "llama32" (tied embeddings, grouped-query attention, llama3 rope scaling,
+tiktoken). Each is saved as safetensors (llama32 sharded, with an index) or as a .bin.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_tokenizers import make_sentencepiece_model, make_tiktoken_model  # noqa: E402
+
+N_LAYER = 6
+
+
+def hf_config(style: str, vocab_size: int):
+    from transformers import LlamaConfig
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=N_LAYER,
+                  max_position_embeddings=128, rms_norm_eps=1e-5,
+                  initializer_range=0.3)  # large weights: varied greedy text, few near-ties
+    if style == "llama2":
+        return LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+                           bos_token_id=1, eos_token_id=2)
+    return LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                       rope_theta=500000.0, bos_token_id=vocab_size - 256, eos_token_id=vocab_size - 255,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+
+
+def make_hf_checkpoint(folder: Path, style: str, fmt: str):
+    """Writes an HF checkpoint folder; returns the HF model (float32, eval)."""
+    from transformers import LlamaForCausalLM
+    from tokenizer import load_tokenizer
+    folder.mkdir(parents=True)
+    if style == "llama2":
+        make_sentencepiece_model(folder / "tokenizer.model")
+        tokenizer_path = folder / "tokenizer.model"
+    else:  # the hub keeps Llama 3's tiktoken file under original/
+        (folder / "original").mkdir()
+        tokenizer_path = make_tiktoken_model(folder / "original" / "tokenizer.model")
+    torch.manual_seed(0 if style == "llama2" else 1)
+    hf = LlamaForCausalLM(hf_config(style, load_tokenizer(tokenizer_path).vocab_size)).eval()
+    if fmt == "safetensors":
+        hf.save_pretrained(folder, max_shard_size="100KB" if style == "llama32" else "1GB")
+    else:
+        hf.config.save_pretrained(folder)
+        torch.save(hf.state_dict(), folder / "pytorch_model.bin")
+    return hf
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """(style, fmt) -> (path of the converted model.pth, HF model), made on first use."""
+    from convert_hf_checkpoint import convert
+    made = {}
+
+    def get(style: str, fmt: str = "safetensors"):
+        if (style, fmt) not in made:
+            folder = tmp_path_factory.mktemp("ckpt") / f"{style}-{fmt}"
+            hf = make_hf_checkpoint(folder, style, fmt)
+            convert(folder)
+            made[style, fmt] = (folder / "model.pth", hf)
+        return made[style, fmt]
+
+    return get
