@@ -81,28 +81,30 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, tempera
 
 
 class TextStream:
-    """Prints the decoded text as tokens arrive; decoding the whole sequence each time keeps
-    multi-byte characters and SentencePiece spaces right. Colours drafted tokens on request."""
+    """Prints the text as tokens arrive. It decodes prompt + generated tokens each time and prints
+    what is new: decoding pieces alone would lose SentencePiece's word-start spaces and split
+    multi-byte characters. With show_drafts in a terminal, accepted drafts print in green."""
 
-    def __init__(self, tokenizer, enabled: bool, show_drafts: bool):
+    def __init__(self, tokenizer, prompt_tokens: list[int], enabled: bool, show_drafts: bool):
         self.tokenizer, self.enabled = tokenizer, enabled
         self.colour = show_drafts and sys.stdout.isatty()
-        self.tokens: list[int] = []
-        self.printed = ""
+        self.tokens = list(prompt_tokens)
+        self.printed = self.prompt_text = tokenizer.decode(self.tokens)
 
     def __call__(self, new_tokens: list[int], drafted: list[bool]) -> None:
-        if not self.enabled:
-            return
         for token, from_draft in zip(new_tokens, drafted):
             self.tokens.append(token)
             text = self.tokenizer.decode(self.tokens)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+            if not self.enabled or text.endswith("\ufffd"):  # wait for the rest of the character
                 continue
-            piece = text[len(self.printed):] if text.startswith(self.printed) else text
-            self.printed = text
+            piece, self.printed = text[len(self.printed):], text
             if self.colour and from_draft:
                 piece = f"\033[32m{piece}\033[0m"
             print(piece, end="", flush=True)
+
+    def text(self) -> str:
+        """Everything generated, as text."""
+        return self.tokenizer.decode(self.tokens)[len(self.prompt_text):]
 
 
 def weight_bytes(model: Transformer) -> int:
@@ -166,8 +168,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     try:
-        tokenizer = load_tokenizer(args.checkpoint_path.parent / "tokenizer.model")
         model = load_model(args.checkpoint_path, args.device, args.dtype)
+        tokenizer = load_tokenizer(args.checkpoint_path.parent / "tokenizer.model")
     except (ValueError, OSError) as e:
         fail(str(e))
     n_layer = model.args.n_layer
@@ -215,7 +217,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         prompt = torch.tensor(prompt_tokens, device=args.device)
         warmup = 1 if args.compile else 0
         for i in range(warmup + args.num_samples):
-            stream = TextStream(tokenizer, enabled=i >= warmup, show_drafts=args.show_drafts)
+            stream = TextStream(tokenizer, prompt_tokens, enabled=i >= warmup, show_drafts=args.show_drafts)
             if stream.enabled:
                 print(prompt_text, end="", flush=True)
             if args.device.startswith("cuda"):
@@ -239,7 +241,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 continue
             tokens_per_sec = len(tokens) / seconds
             sample = {"prompt_tokens": prompt_tokens, "generated_tokens": tokens,
-                      "text": tokenizer.decode(tokens), "tokens_per_sec": tokens_per_sec, **stats}
+                      "text": stream.text(), "tokens_per_sec": tokens_per_sec, **stats}
             results.append(sample)
             report = f"\n\n{len(tokens)} tokens in {seconds:.2f} s: {tokens_per_sec:.2f} tokens/s"
             report += f", {bytes_per_token * tokens_per_sec / 1e9:.2f} GB/s of weights"

@@ -1,0 +1,151 @@
+"""tokenizer.py against the sentencepiece and tiktoken libraries, on tiny tokenizer files made offline."""
+import pytest
+import sentencepiece as spm
+import tiktoken
+import tiktoken.load
+
+from tiny_tokenizers import SAMPLE_TEXT, make_sentencepiece_model, make_tiktoken_model
+from tokenizer import LLAMA3_PATTERN, SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer
+
+SP_VOCAB, TK_MERGES = 320, 200
+TK_BASE = 256 + TK_MERGES
+# Meta's Llama 3 split pattern, copied here on its own so a typo in tokenizer.py cannot pass unnoticed
+META_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+TEXTS = [
+    "",
+    "Hello, world!",
+    "the cat sat on the mat, and the dog sat on the log.",
+    "def f(x):\n\treturn {'a': [x ** 2 for x in range(10)]}  # comment\n",
+    "   leading, trailing and   inner   runs of spaces   ",
+    "\n\n\nnew\r\nlines\n",
+    "unicode: héllo wörld, 日本語, Ελληνικά, emoji 🙂👍🏽, math ∑∞",
+    "numbers 1234567890 3.14159 -42",
+    "I'm sure they'll say it's what we'd DO'nt",
+    SAMPLE_TEXT,
+]
+
+
+def SHORT_ID(text: str) -> str:  # readable test ids
+    return repr(text[:24])
+
+
+@pytest.fixture(scope="module")
+def sp_path(tmp_path_factory):
+    # a SentencePiece model in a folder named like a Llama 3 one: detection must read the content
+    return make_sentencepiece_model(tmp_path_factory.mktemp("llama3") / "tokenizer.model", vocab_size=SP_VOCAB)
+
+
+@pytest.fixture(scope="module")
+def tk_path(tmp_path_factory):
+    # and a tiktoken file in a folder named like a Llama 2 one
+    return make_tiktoken_model(tmp_path_factory.mktemp("llama2") / "tokenizer.model", n_merges=TK_MERGES)
+
+
+@pytest.fixture(params=["sentencepiece", "tiktoken"])
+def tok(request, sp_path, tk_path):
+    return load_tokenizer(sp_path if request.param == "sentencepiece" else str(tk_path))  # str and Path both work
+
+
+def test_llama3_pattern_is_metas():
+    # the tiny vocab has too few merges to notice every change of the pattern through encode alone
+    assert LLAMA3_PATTERN == META_PATTERN
+
+
+def test_format_detected_from_content(sp_path, tk_path):
+    assert "llama3" in str(sp_path) and "llama2" in str(tk_path)
+    assert isinstance(load_tokenizer(sp_path), SentencePieceTokenizer)
+    assert isinstance(load_tokenizer(tk_path), TiktokenTokenizer)
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=SHORT_ID)
+def test_round_trip(tok, text):
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_id and tok.eos_id not in ids
+    assert tok.decode(ids[1:]) == text
+    assert tok.encode(text, bos=False) == ids[1:]
+    assert all(0 <= i < tok.vocab_size for i in ids)
+
+
+def test_long_whitespace_run_round_trips(tok):
+    # tiktoken's regex fails on ~1M spaces in a row; the tokenizer cuts long runs as Meta's does
+    text = "a" + " " * 1_000_000 + "b" + "x" * 30_000
+    assert tok.decode(tok.encode(text, bos=False)) == text
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=SHORT_ID)
+def test_matches_sentencepiece_library(sp_path, text):
+    ref = spm.SentencePieceProcessor(model_file=str(sp_path))
+    assert load_tokenizer(sp_path).encode(text) == [1] + ref.encode(text)
+
+
+@pytest.mark.parametrize("text", TEXTS + ["<|begin_of_text|>x<|eot_id|>"], ids=SHORT_ID)
+def test_matches_tiktoken_library(tk_path, text, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken caches files by path name: never read a stale one
+    ranks = tiktoken.load.load_tiktoken_bpe(str(tk_path))
+    ref = tiktoken.Encoding("ref", pat_str=META_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    assert load_tokenizer(tk_path).encode(text) == [TK_BASE] + ref.encode_ordinary(text)
+
+
+def test_sentencepiece_ids(sp_path):
+    tok = load_tokenizer(sp_path)
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, SP_VOCAB)
+
+
+def test_tiktoken_ids(tk_path):
+    assert len(tk_path.read_text().splitlines()) == TK_BASE
+    tok = load_tokenizer(tk_path)
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (TK_BASE, TK_BASE + 1, TK_BASE + 256)
+    # Meta's special-token layout, read back through decode
+    specials = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 2: "<|reserved_special_token_0|>",
+                4: "<|finetune_right_pad_id|>", 5: "<|step_id|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>",
+                8: "<|eom_id|>", 9: "<|eot_id|>", 10: "<|python_tag|>", 11: "<|reserved_special_token_2|>",
+                255: "<|reserved_special_token_246|>"}
+    for offset, name in specials.items():
+        assert tok.decode([TK_BASE + offset]) == name
+
+
+@pytest.mark.parametrize("text", ["<|end_of_text|>", "a <|begin_of_text|> b <|eot_id|>", "</s><s>", "<unk>"])
+def test_text_cannot_inject_special_ids(tok, text):
+    ids = tok.encode(text, bos=False)
+    assert tok.bos_id not in ids and tok.eos_id not in ids
+    if isinstance(tok, TiktokenTokenizer):
+        assert all(i < TK_BASE for i in ids)  # no special id at all
+    assert tok.decode(ids) == text
+
+
+def test_decode_prefixes_are_stable(tok):
+    # the CLI prints the growing decode of the generated ids: each prefix must decode to a prefix of the
+    # final text, except for a trailing U+FFFD where the prefix ends inside a multi-byte character
+    ids = tok.encode("Hi 日本🙂 the wörld, ok", bos=False)
+    full = tok.decode(ids)
+    for i in range(len(ids) + 1):
+        part = tok.decode(ids[:i])
+        assert part == tok.decode(ids[:i])
+        assert full.startswith(part.rstrip("\ufffd"))
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope" / "tokenizer.model"
+    with pytest.raises(FileNotFoundError, match="tokenizer file not found") as e:
+        load_tokenizer(path)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"\x00\x01\xffgarbage" * 50,
+        b"hello world\n",
+        b"IQ== 0\nIg== 1\nnot base64 at all\n",  # a truncated or corrupted tiktoken file
+        b"IQ== 0\nIg== 5\n",  # ranks with a gap: special ids would collide with base ones
+    ],
+)
+def test_garbage_file(tmp_path, content):
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="is neither a SentencePiece nor a tiktoken tokenizer.model") as e:
+        load_tokenizer(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)  # one line on stderr
