@@ -46,7 +46,7 @@ def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, tem
     q = torch.cat([q, torch.zeros_like(q[:1])])
     residual = (target_probs - q).clamp_min(0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, target_probs)
-    next_token = sample_from_probs(residual[n])
+    next_token = sample_from_probs(residual.index_select(0, n.view(1)))[0]
     out = torch.cat([draft, next_token.view(1)])
     out = torch.where(torch.arange(k + 1, device=pos.device) == n, next_token, out)
     return out, n, next_token.view(1, 1), pos + n + 1
