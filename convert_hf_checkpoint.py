@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from generate import fail
 from model import ModelArgs
 
 # Hugging Face name (after "model.layers.{i}.") -> ours (after "layers.{i}.")
@@ -123,6 +124,7 @@ def download(repo_id: str, checkpoint_dir: Optional[Path]) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.error = fail
     parser.add_argument("--checkpoint_dir", type=Path, help="folder with config.json, weights and tokenizer.model")
     parser.add_argument("--repo_id", help="download this hub repo first (e.g. facebook/layerskip-llama3.2-1B)")
     args = parser.parse_args()
@@ -132,8 +134,7 @@ def main() -> None:
         checkpoint_dir = download(args.repo_id, args.checkpoint_dir) if args.repo_id else args.checkpoint_dir
         convert(checkpoint_dir)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e))
 
 
 if __name__ == "__main__":

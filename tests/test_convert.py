@@ -1,0 +1,73 @@
+"""convert_hf_checkpoint.py: the command line, its errors, and no half-written output."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import convert_hf_checkpoint
+from conftest import ROOT, make_hf_checkpoint
+
+
+def run_convert(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # tests never reach the hub
+    return subprocess.run([sys.executable, str(ROOT / "convert_hf_checkpoint.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_command_line_converts_a_sharded_checkpoint(tmp_path):
+    folder = tmp_path / "hf"
+    hf = make_hf_checkpoint(folder, "llama32", "safetensors")
+    assert len(list(folder.glob("*.safetensors"))) > 1  # really sharded, read through the index
+    proc = run_convert("--checkpoint_dir", str(folder))
+    assert proc.returncode == 0, proc.stderr
+    assert "reading shards" in proc.stderr  # the progress bar
+    state = torch.load(folder / "model.pth", weights_only=True)
+    q = hf.model.layers[2].self_attn.q_proj.weight
+    assert torch.equal(state["layers.2.attention.wqkv.weight"][: q.shape[0]], q)
+    assert {p.name for p in folder.iterdir()} >= {"model.pth", "model_config.json", "tokenizer.model"}
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_bad_folders_give_one_clear_line(tmp_path):
+    folder = tmp_path / "hf"
+    make_hf_checkpoint(folder, "llama2", "safetensors")
+    cases = []
+    (tmp_path / "empty").mkdir()
+    cases.append((["--checkpoint_dir", str(tmp_path / "empty")], "no config.json"))
+    (folder / "tokenizer.model").rename(tmp_path / "tokenizer.model")
+    cases.append((["--checkpoint_dir", str(folder)], "no tokenizer.model"))
+    proc_results = [(run_convert(*flags), message) for flags, message in cases]
+    (tmp_path / "tokenizer.model").rename(folder / "tokenizer.model")
+    weights = folder / "model.safetensors"
+    weights.rename(tmp_path / "weights")
+    proc_results.append((run_convert("--checkpoint_dir", str(folder)), "no *.safetensors or pytorch_model*.bin"))
+    from safetensors.torch import load_file, save_file
+    state = load_file(tmp_path / "weights")
+    del state["model.layers.3.mlp.up_proj.weight"]
+    save_file(state, weights)
+    proc_results.append((run_convert("--checkpoint_dir", str(folder)), "missing weight"))
+    proc_results.append((run_convert("--repo_id", "facebook/layerskip-llama3.2-1B",
+                                     "--checkpoint_dir", str(tmp_path / "hub")), "cannot download"))
+    proc_results.append((run_convert(), "give --checkpoint_dir, --repo_id or both"))
+    for proc, message in proc_results:
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (folder / "model.pth").exists()
+
+
+def test_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    folder = tmp_path / "hf"
+    make_hf_checkpoint(folder, "llama2", "bin")
+
+    def interrupted(obj, path):
+        open(path, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_hf_checkpoint.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_hf_checkpoint.convert(folder)
+    assert not (folder / "model.pth").exists()
+    assert not list(folder.glob("*.tmp"))
