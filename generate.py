@@ -215,7 +215,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             with torch.device(args.device):
                 model.setup_caches(1, cache_length, exit_layer)
         prompt = torch.tensor(prompt_tokens, device=args.device)
-        warmup = 1 if args.compile else 0
+        warmup = 1 if args.compile and not results else 0  # compile once, on the first prompt
         for i in range(warmup + args.num_samples):
             stream = TextStream(tokenizer, prompt_tokens, enabled=i >= warmup, show_drafts=args.show_drafts)
             if stream.enabled:
