@@ -119,6 +119,18 @@ def peak_memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
+def read_prompts():
+    """Prompts from stdin until an empty line or end of input."""
+    while True:
+        try:
+            line = input("prompt> ")
+        except EOFError:
+            return
+        if not line:
+            return
+        yield line
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
@@ -199,7 +211,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.compile_prefill:
             prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
 
-    prompts = iter(lambda: input("prompt> "), "") if args.interactive else [args.prompt]
+    prompts = read_prompts() if args.interactive else [args.prompt]
     results, cache_length = [], 0
     bytes_per_token = weight_bytes(model)
     for prompt_text in prompts:

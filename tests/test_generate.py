@@ -106,3 +106,12 @@ def test_bad_input_gives_one_clear_line(checkpoints, tmp_path):
         assert proc.returncode != 0, case
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (case, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+def test_interactive_reads_prompts_until_end_of_input(checkpoints):
+    path, _ = checkpoints("llama2")
+    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(path), "--interactive",
+                           "--max_new_tokens", "4", "--temperature", "0", "--json"],
+                          input="def f(x):\nclass A:", capture_output=True, text=True, timeout=300)
+    samples = json_result(proc)["samples"]
+    assert len(samples) == 2 and samples[0]["prompt_tokens"] != samples[1]["prompt_tokens"]
