@@ -125,8 +125,9 @@ def read_prompts():
         try:
             line = input("prompt> ")
         except EOFError:
-            return
+            line = ""
         if not line:
+            print()  # end the prompt's line: a --json object must stand on a line of its own
             return
         yield line
 
