@@ -1,5 +1,4 @@
 """Parity with Hugging Face transformers on the same weights, through the converter."""
-import json
 
 import pytest
 import torch

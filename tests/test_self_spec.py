@@ -1,7 +1,6 @@
 """Self-speculative decoding returns exactly what the full model would: token for token under
 greedy decoding, and in distribution under sampling."""
 import math
-import os
 
 import pytest
 import torch
