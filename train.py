@@ -527,7 +527,7 @@ SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a LayerSkip model (layer dropout + early-exit loss), or evaluate one per layer.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = lambda message: fail(f"{message}")  # one line, not usage + message
+    p.error = fail  # one line, not usage + message
     data = p.add_argument_group("data")
     data.add_argument("--data", type=Path, nargs="+", default=None, help="text files or folders (default: this Python's standard library source)")
     data.add_argument("--glob", default="*.py", help="which files to read inside folders")
