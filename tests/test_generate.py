@@ -115,3 +115,18 @@ def test_interactive_reads_prompts_until_end_of_input(checkpoints):
                           input="def f(x):\nclass A:", capture_output=True, text=True, timeout=300)
     samples = json_result(proc)["samples"]
     assert len(samples) == 2 and samples[0]["prompt_tokens"] != samples[1]["prompt_tokens"]
+
+
+def test_show_drafts_colours_accepted_drafts_in_a_terminal(checkpoints, monkeypatch, capsys):
+    from generate import TextStream
+    from tokenizer import load_tokenizer
+    path, _ = checkpoints("llama2")
+    tokenizer = load_tokenizer(path.parent / "tokenizer.model")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    stream = TextStream(tokenizer, [1], enabled=True, show_drafts=True)
+    stream(tokenizer.encode("hello world", bos=False), [True, False] * 20)
+    out = capsys.readouterr().out
+    assert "\033[32m" in out and out.count("\033[32m") == out.count("\033[0m")
+    plain = TextStream(tokenizer, [1], enabled=True, show_drafts=False)
+    plain(tokenizer.encode("hello world", bos=False), [True, False] * 20)
+    assert capsys.readouterr().out == "hello world" == plain.text()
