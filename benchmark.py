@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from convert_hf_checkpoint import convert
-from generate import decode_one_token, fail, generate, weight_bytes
+from generate import check_exit_layer, decode_one_token, fail, generate, weight_bytes
 from model import Transformer, load_model
 from self_spec import speculative_generate, speculative_step
 
@@ -529,8 +529,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def check_exit_layers(layers: list[int], n_layer: int) -> None:
     for e in layers:
-        if not 1 <= e < n_layer:
-            fail(f"exit layer must be between 1 and {n_layer - 1} for this {n_layer}-layer model, got {e}")
+        check_exit_layer("exit layer", e, n_layer)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

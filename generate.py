@@ -92,10 +92,12 @@ class TextStream:
         self.printed = self.prompt_text = tokenizer.decode(self.tokens)
 
     def __call__(self, new_tokens: list[int], drafted: list[bool]) -> None:
+        if not self.enabled:  # the compile warm-up: nothing to show, nothing to decode
+            return
         for token, from_draft in zip(new_tokens, drafted):
             self.tokens.append(token)
             text = self.tokenizer.decode(self.tokens)
-            if not self.enabled or text.endswith("\ufffd"):  # wait for the rest of the character
+            if text.endswith("\ufffd"):  # wait for the rest of the character
                 continue
             piece, self.printed = text[len(self.printed):], text
             if self.colour and from_draft:
@@ -135,6 +137,12 @@ def read_prompts():
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def check_exit_layer(flag: str, exit_layer: int, n_layer: int) -> None:
+    """An exit needs at least one layer on each side: [0, E) drafts, [E, L) verifies."""
+    if not 1 <= exit_layer < n_layer:
+        fail(f"{flag} must be between 1 and {n_layer - 1} for this {n_layer}-layer model, got {exit_layer}")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -185,15 +193,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         tokenizer = load_tokenizer(args.checkpoint_path.parent / "tokenizer.model")
     except (ValueError, OSError) as e:
         fail(str(e))
-    n_layer = model.args.n_layer
     exit_layer = args.draft_layers if args.draft_layers is not None else args.early_exit
-    if exit_layer is not None and not 1 <= exit_layer < n_layer:
+    if exit_layer is not None:
         flag = "--draft_layers" if args.draft_layers is not None else "--early_exit"
-        fail(f"{flag} must be between 1 and {n_layer - 1} for this {n_layer}-layer model, got {exit_layer}")
+        check_exit_layer(flag, exit_layer, model.args.n_layer)
     if model.args.vocab_size < tokenizer.vocab_size:
         fail(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")
 
     torch.manual_seed(args.seed)
+    on_cuda = args.device.startswith("cuda")
     speculate = args.draft_layers is not None
     k = args.speculate_k if speculate else 0
     if speculate:
@@ -201,7 +209,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         from self_spec import speculative_generate, speculative_step
     prefill_fn, decode_fn, step_fn = prefill, decode_one_token, (speculative_step if speculate else None)
     if args.compile:
-        on_cuda = args.device.startswith("cuda")
         if on_cuda:
             torch._inductor.config.coordinate_descent_tuning = True
             torch._inductor.config.triton.unique_kernel_names = True
@@ -233,7 +240,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             stream = TextStream(tokenizer, prompt_tokens, enabled=i >= warmup, show_drafts=args.show_drafts)
             if stream.enabled:
                 print(prompt_text, end="", flush=True)
-            if args.device.startswith("cuda"):
+            if on_cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.inference_mode():
@@ -246,7 +253,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         model, prompt, max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         eos_id=tokenizer.eos_id, prefill_fn=prefill_fn, decode_fn=decode_fn,
                         early_exit=args.early_exit is not None, on_tokens=stream)
-            if args.device.startswith("cuda"):
+            if on_cuda:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             if i < warmup:
