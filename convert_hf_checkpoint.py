@@ -55,8 +55,6 @@ def read_shard(path: Path) -> dict:
 
 def convert_state_dict(hf_state: dict, args: ModelArgs) -> dict:
     state = {ours: hf_state[theirs] for theirs, ours in TOP_NAMES.items() if theirs in hf_state}
-    if args.tie_embeddings:
-        state.pop("output.weight", None)  # the head is the embedding; store it once
     for i in range(args.n_layer):
         prefix = f"model.layers.{i}."
         for theirs, ours in LAYER_NAMES.items():
@@ -72,6 +70,20 @@ def atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(out_dir: Path, args: ModelArgs, state: dict, tokenizer: Path) -> None:
+    """The engine's format: model_config.json, tokenizer.model and model.pth side by side.
+
+    Each file is written under a temporary name and renamed, model.pth last: its presence means
+    the write finished. A tied head is the embedding, so it is stored once.
+    """
+    if args.tie_embeddings:
+        state = {name: w for name, w in state.items() if name != "output.weight"}
+    atomic_write(out_dir / "model_config.json", args.save)
+    if Path(tokenizer).resolve() != (out_dir / "tokenizer.model").resolve():
+        atomic_write(out_dir / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer, tmp))
+    atomic_write(out_dir / "model.pth", lambda tmp: torch.save(state, tmp))
 
 
 def convert(checkpoint_dir: Path) -> None:
@@ -93,11 +105,7 @@ def convert(checkpoint_dir: Path) -> None:
     except KeyError as e:
         raise ValueError(f"{checkpoint_dir} is missing weight {e.args[0]} for a {args.n_layer}-layer Llama") from None
 
-    # model.pth is renamed last: its presence means the conversion finished.
-    atomic_write(checkpoint_dir / "model_config.json", args.save)
-    if tokenizer != checkpoint_dir / "tokenizer.model":
-        atomic_write(checkpoint_dir / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer, tmp))
-    atomic_write(checkpoint_dir / "model.pth", lambda tmp: torch.save(state, tmp))
+    save_checkpoint(checkpoint_dir, args, state, tokenizer)
     print(f"wrote {checkpoint_dir / 'model.pth'} ({args.n_layer} layers, dim {args.dim})", file=sys.stderr)
 
 

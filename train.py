@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import io
 import math
-import shutil
 import sys
 import sysconfig
 import time
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from convert_hf_checkpoint import atomic_write
+from convert_hf_checkpoint import atomic_write, save_checkpoint
 from generate import fail
 from model import ModelArgs, Transformer, load_model
 from tokenizer import load_tokenizer
@@ -123,7 +122,8 @@ def run_layers(model: Transformer, idx: Tensor, keep: Optional[Tensor] = None) -
 def early_exit_loss(model: Transformer, hidden: list[Tensor], targets: Tensor, weights: Tensor) -> tuple[Tensor, dict[int, float]]:
     """sum_l w_l * CE(head(h_l), targets); the head is only run for the exits that are on.
 
-    Returns the weighted loss and the loss of each layer that was on (as floats, for logging).
+    Returns the weighted loss and the loss of each layer that was on (detached, for logging:
+    read them only when printing, each read waits for the GPU).
     """
     total, per_layer = 0.0, {}
     for l, h in enumerate(hidden):
@@ -131,8 +131,8 @@ def early_exit_loss(model: Transformer, hidden: list[Tensor], targets: Tensor, w
             continue
         logits = model.head(h)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        total = total + weights[l].item() * loss
-        per_layer[l] = loss.item()
+        total = total + weights[l].item() * loss  # weights live on the CPU: no sync
+        per_layer[l] = loss.detach()
     return total, per_layer
 
 
@@ -267,9 +267,10 @@ def evaluate_layers(model: Transformer, windows: Tensor, batch: int = 8, device:
         x, y = rows[:, :-1], rows[:, 1:]
         with autocast(device):
             hidden = run_layers(model, x)
-            final = model.head(hidden[-1]).argmax(-1)
+            final_logits = model.head(hidden[-1]).float()
+            final = final_logits.argmax(-1)
             for l, h in enumerate(hidden):
-                logits = model.head(h).float()
+                logits = final_logits if l == n_layer - 1 else model.head(h).float()
                 loss_sum[l] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
                 correct[l] += (logits.argmax(-1) == y).sum().item()
                 agree[l] += (logits.argmax(-1) == final).sum().item()
@@ -322,16 +323,10 @@ def plot_layers(results: dict[str, list[dict]], path: Path) -> None:
 
 
 def save_model(model: Transformer, tokenizer_path: Path, out_dir: Path, dtype: torch.dtype) -> None:
-    """The engine's format: model.pth (state_dict; a tied output.weight stored once, as tok_embeddings),
-    model_config.json and tokenizer.model side by side."""
+    """The model in the engine's format, its weights cast to `dtype`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
-    if model.args.tie_embeddings:
-        del state["output.weight"]
-    atomic_write(out_dir / "model_config.json", model.args.save)
-    if Path(tokenizer_path).resolve() != (out_dir / "tokenizer.model").resolve():
-        atomic_write(out_dir / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer_path, tmp))
-    atomic_write(out_dir / "model.pth", lambda tmp: torch.save(state, tmp))
+    save_checkpoint(out_dir, model.args, state, tokenizer_path)
 
 
 def init_weights(model: Transformer) -> None:
