@@ -36,12 +36,11 @@ import torch
 from torch import Tensor
 
 from convert_hf_checkpoint import convert
-from generate import check_exit_layer, decode_one_token, fail, generate, weight_bytes
+from generate import DTYPES, check_exit_layer, decode_one_token, fail, generate, weight_bytes
 from model import Transformer, load_model
 from self_spec import speculative_generate, speculative_step
 
 ROOT = Path(__file__).resolve().parent
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # --- the models ------------------------------------------------------------------------------
@@ -507,7 +506,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="time the pieces of one step (eager)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write every measurement to this file")
     args = p.parse_args(argv)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convert_hf_checkpoint import atomic_write, save_checkpoint
-from generate import fail
+from generate import DTYPES, fail
 from model import ModelArgs, Transformer, load_model
 from tokenizer import load_tokenizer
 
@@ -438,7 +438,7 @@ def train(args) -> None:
           f"steps {start} -> {stop} of {args.steps}, {args.batch_size}x{args.seq_len} tokens each", file=sys.stderr)
 
     def save_state(step: int) -> None:
-        save_model(model, tokenizer_path, out_dir, SAVE_DTYPES[args.save_dtype])
+        save_model(model, tokenizer_path, out_dir, DTYPES[args.save_dtype])
         state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "model_args": asdict(model.args), "args": {k: str(v) for k, v in vars(args).items()}}
         atomic_write(out_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
@@ -516,8 +516,6 @@ def eval_only(args) -> None:
 
 # ----------------------------------------------------------------------------- command line
 
-SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a LayerSkip model (layer dropout + early-exit loss), or evaluate one per layer.",
@@ -563,7 +561,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     run.add_argument("--save_interval", type=int, default=100, help="steps between checkpoints")
     run.add_argument("--eval_interval", type=int, default=250, help="steps between held-out evaluations")
     run.add_argument("--eval_tokens", type=int, default=65536, help="held-out tokens per evaluation")
-    run.add_argument("--save_dtype", choices=list(SAVE_DTYPES), default="float32", help="dtype of model.pth")
+    run.add_argument("--save_dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of model.pth")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     run.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     run.add_argument("--plot", type=Path, default=None, help="per-layer PNG (default: layer_eval.png beside the model)")
@@ -601,7 +599,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ]
     for bad, message in checks:
         if bad:
-            fail(f"{message}")
+            fail(message)
     for path in args.data:
         if not path.exists():
             fail(f"data path not found: {path}")
@@ -616,7 +614,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         eval_only(args) if args.eval_only else train(args)
     except (ValueError, FileNotFoundError, OSError) as e:
-        fail(f"{e}")
+        fail(str(e))
 
 
 if __name__ == "__main__":
