@@ -383,8 +383,7 @@ def build_model(args, tokenizer_path: Path) -> Transformer:
 
 
 def train(args) -> None:
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out_dir)  # created by the first write: bad input leaves no empty folder
     device = args.device
     state = None
     if args.resume:
