@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from convert_hf_checkpoint import convert
-from generate import DTYPES, check_exit_layer, decode_one_token, fail, generate, weight_bytes
+from common import DTYPES, check_exit_layer, decode_one_token, fail, generate, weight_bytes
 from model import Transformer, load_model
 from self_spec import speculative_generate, speculative_step
 
@@ -221,15 +221,15 @@ def profile_step(model: Transformer, prompt: Tensor, exit_layer: int, k: int, re
     whole step. Shows whether the cost model's assumptions hold on this device."""
     p = prompt.numel()
     model.setup_caches(1, p + k + 2, exit_layer)
-    model(prompt.view(1, -1), torch.arange(p))
+    model(prompt.view(1, -1), torch.arange(p)[None])
     x, pos = prompt[-1:].view(1, 1), torch.tensor([p])
-    positions = pos + torch.arange(k + 1)
-    h1 = model.early(x, pos)
-    hk = model.exit_cache.index_select(1, positions)
+    positions = pos[:, None] + torch.arange(k + 1)
+    h1 = model.early(x, pos[:, None])
+    hk = model.exit_cache[:, positions[0]]
     ms = {"full token (AR decode step)": median_ms(lambda: decode_one_token(model, x, pos, 0, None), reps),
-          "early pass, 1 token": median_ms(lambda: model.early(x, pos), reps),
+          "early pass, 1 token": median_ms(lambda: model.early(x, pos[:, None]), reps),
           "head (norm + LM head), 1 token": median_ms(lambda: model.head(h1), reps),
-          "late pass, 1 token": median_ms(lambda: model.late(h1, pos), reps),
+          "late pass, 1 token": median_ms(lambda: model.late(h1, pos[:, None]), reps),
           f"late pass, {k + 1} tokens": median_ms(lambda: model.late(hk, positions), reps),
           f"head, {k + 1} tokens": median_ms(lambda: model.head(hk), reps),
           f"whole step (k={k})": median_ms(lambda: speculative_step(model, x, pos, k, 0, None), reps)}

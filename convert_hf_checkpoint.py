@@ -7,7 +7,6 @@ interrupted run never leaves a file that looks complete.
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,7 +14,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from generate import fail
+from common import fail, save_checkpoint
 from model import ModelArgs
 
 # Hugging Face name (after "model.layers.{i}.") -> ours (after "layers.{i}.")
@@ -61,29 +60,6 @@ def convert_state_dict(hf_state: dict, args: ModelArgs) -> dict:
             state[f"layers.{i}.{ours}"] = hf_state[prefix + theirs]
         state[f"layers.{i}.attention.wqkv.weight"] = torch.cat([hf_state[prefix + name] for name in QKV])
     return state
-
-
-def atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_checkpoint(out_dir: Path, args: ModelArgs, state: dict, tokenizer: Path) -> None:
-    """The engine's format: model_config.json, tokenizer.model and model.pth side by side.
-
-    Each file is written under a temporary name and renamed, model.pth last: its presence means
-    the write finished. A tied head is the embedding, so it is stored once.
-    """
-    if args.tie_embeddings:
-        state = {name: w for name, w in state.items() if name != "output.weight"}
-    atomic_write(out_dir / "model_config.json", args.save)
-    if Path(tokenizer).resolve() != (out_dir / "tokenizer.model").resolve():
-        atomic_write(out_dir / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer, tmp))
-    atomic_write(out_dir / "model.pth", lambda tmp: torch.save(state, tmp))
 
 
 def convert(checkpoint_dir: Path) -> None:

@@ -2,82 +2,33 @@
 
     python generate.py --checkpoint_path DIR/model.pth --prompt "def fib(n):" --compile
     python generate.py ... --draft_layers 8 --speculate_k 6     # LayerSkip self-speculation
+    python generate.py ... --prompts_file prompts.jsonl --batch_size 8 --output out.jsonl
 
 Loading is lazy (meta device, memory-mapped weights assigned in place), the KV cache is static,
-and with --compile the one-token decode step is compiled once and replayed (as a CUDA graph on
-a GPU). Text streams to stdout; each sample reports tokens/s, bandwidth and peak memory; with
---json the last stdout line is a JSON object with every sample.
+and with --compile the decode step (or the self-speculative step) is compiled once and replayed
+(as a CUDA graph on a GPU). One prompt streams its text to stdout and reports tokens/s,
+bandwidth and peak memory; a prompts file runs --batch_size rows at once, refilling each row as
+its prompt ends, and appends every finished prompt to --output as one JSON line. With --json the
+last stdout line is a JSON object with every sample.
 """
 import argparse
 import json
+import os
 import resource
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
 
+from common import DTYPES, check_exit_layer, decode_one_token, fail, generate_batch, prefill, weight_bytes
 from model import Transformer, load_model
+from self_spec import speculative_step
 from tokenizer import load_tokenizer
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "demo" / "model.pth"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def logits_to_probs(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
-    """Sampling distribution over the last dim; temperature 0 is the one-hot argmax (greedy)."""
-    if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = torch.where(logits < kth, -float("inf"), logits)
-    return torch.softmax(logits, dim=-1)
-
-
-def sample_from_probs(probs: Tensor) -> Tensor:
-    # argmax(p / Exp(1)) draws from p (the exponential-race trick) without the host sync that
-    # torch.multinomial makes; on a one-hot p it returns the argmax exactly.
-    return torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1)
-
-
-def model_logits(model: Transformer, idx: Tensor, input_pos: Tensor, early_exit: bool) -> Tensor:
-    """Full model, or with early_exit only layers [0, E) + the shared head (lossy)."""
-    return model.head(model.early(idx, input_pos)) if early_exit else model(idx, input_pos)
-
-
-def prefill(model: Transformer, idx: Tensor, input_pos: Tensor, temperature: float,
-            top_k: Optional[int], early_exit: bool = False) -> Tensor:
-    logits = model_logits(model, idx, input_pos, early_exit)[:, -1]
-    return sample_from_probs(logits_to_probs(logits, temperature, top_k)).view(1, 1)
-
-
-def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, temperature: float,
-                     top_k: Optional[int], early_exit: bool = False) -> Tensor:
-    return prefill(model, x, input_pos, temperature, top_k, early_exit)
-
-
-def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, temperature: float,
-             top_k: Optional[int], eos_id: int, prefill_fn: Callable = prefill,
-             decode_fn: Callable = decode_one_token, early_exit: bool = False,
-             on_tokens: Optional[Callable[[list[int], list[bool]], None]] = None) -> tuple[list[int], dict]:
-    """Autoregressive decoding; stops after EOS (kept) or max_new_tokens. Returns tokens, stats."""
-    device = prompt.device
-    input_pos = torch.arange(prompt.numel(), device=device)
-    token = prefill_fn(model, prompt.view(1, -1), input_pos, temperature, top_k, early_exit)
-    tokens = [token.item()]
-    input_pos = input_pos[-1:] + 1
-    while tokens[-1] != eos_id and len(tokens) < max_new_tokens:
-        if on_tokens:
-            on_tokens(tokens[-1:], [False])
-        token = decode_fn(model, token, input_pos, temperature, top_k, early_exit).clone()
-        tokens.append(token.item())
-        input_pos += 1
-    if on_tokens:
-        on_tokens(tokens[-1:], [False])
-    return tokens, {"acceptance_rate": None, "tokens_per_step": None}
 
 
 class TextStream:
@@ -85,15 +36,13 @@ class TextStream:
     what is new: decoding pieces alone would lose SentencePiece's word-start spaces and split
     multi-byte characters. With show_drafts in a terminal, accepted drafts print in green."""
 
-    def __init__(self, tokenizer, prompt_tokens: list[int], enabled: bool, show_drafts: bool):
-        self.tokenizer, self.enabled = tokenizer, enabled
+    def __init__(self, tokenizer, prompt_tokens: list[int], show_drafts: bool):
+        self.tokenizer = tokenizer
         self.colour = show_drafts and sys.stdout.isatty()
         self.tokens = list(prompt_tokens)
-        self.printed = self.prompt_text = tokenizer.decode(self.tokens)
+        self.printed = tokenizer.decode(self.tokens)
 
-    def __call__(self, new_tokens: list[int], drafted: list[bool]) -> None:
-        if not self.enabled:  # the compile warm-up: nothing to show, nothing to decode
-            return
+    def __call__(self, index: int, new_tokens: list[int], drafted: list[bool]) -> None:
         for token, from_draft in zip(new_tokens, drafted):
             self.tokens.append(token)
             text = self.tokenizer.decode(self.tokens)
@@ -104,15 +53,10 @@ class TextStream:
                 piece = f"\033[32m{piece}\033[0m"
             print(piece, end="", flush=True)
 
-    def text(self) -> str:
-        """Everything generated, as text."""
-        return self.tokenizer.decode(self.tokens)[len(self.prompt_text):]
 
-
-def weight_bytes(model: Transformer) -> int:
-    """Bytes of weights read per full forward: every parameter but the embedding table."""
-    return sum(p.numel() * p.element_size() for name, p in model.named_parameters()
-               if not name.startswith("tok_embeddings") or model.args.tie_embeddings)
+def completion_text(tokenizer, prompt_tokens: list[int], tokens: list[int]) -> str:
+    """The generated text, decoded with its prompt so that the first word keeps its space."""
+    return tokenizer.decode(prompt_tokens + tokens)[len(tokenizer.decode(prompt_tokens)):]
 
 
 def peak_memory_gb(device: str) -> float:
@@ -134,15 +78,53 @@ def read_prompts():
         yield line
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+def read_prompts_file(path: Path) -> list[dict]:
+    """JSONL with a "prompt" field per line (other fields are kept), or plain text with one prompt
+    per line; blank lines are skipped. Raises ValueError naming the line that is wrong."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read prompts file {path}: {e}") from None
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    if not numbered:
+        raise ValueError(f"prompts file {path} has no prompts")
+    if not numbered[0][1].lstrip().startswith("{"):
+        return [{"prompt": line} for _, line in numbered]
+    entries = []
+    for number, line in numbered:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {number}: not JSON ({e.msg})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+            raise ValueError(f'{path}, line {number}: a JSON object with a "prompt" string is needed')
+        entries.append(entry)
+    return entries
 
 
-def check_exit_layer(flag: str, exit_layer: int, n_layer: int) -> None:
-    """An exit needs at least one layer on each side: [0, E) drafts, [E, L) verifies."""
-    if not 1 <= exit_layer < n_layer:
-        fail(f"{flag} must be between 1 and {n_layer - 1} for this {n_layer}-layer model, got {exit_layer}")
+def read_finished(output: Path, settings: dict, entries: list[dict]) -> set[int]:
+    """The prompts an earlier run with the same settings already wrote to `output` (for --resume).
+    A last line cut short by an interruption is dropped from the file."""
+    if not output.is_file():
+        return set()
+    lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
+    done = set()
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the run was killed while writing it: rewrite without it
+                output.write_text("".join(lines[:-1]), encoding="utf-8")
+                break
+            raise ValueError(f"--resume: {output}, line {number} is not JSON") from None
+        if record.get("settings") != settings:
+            differ = sorted(key for key in settings if (record.get("settings") or {}).get(key) != settings[key])
+            raise ValueError(f"--resume: {output} was written with different settings ({', '.join(differ)})")
+        index = record.get("index")
+        if not isinstance(index, int) or not 0 <= index < len(entries) or entries[index]["prompt"] != record.get("prompt"):
+            raise ValueError(f"--resume: {output}, line {number} is not from this prompts file")
+        done.add(index)
+    return done
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -151,6 +133,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--prompt", default="def fibonacci(n):")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
+    p.add_argument("--prompts_file", type=Path, help='JSONL with a "prompt" field per line, or one prompt per line')
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="rows generated at once: prompts of --prompts_file, or samples of --prompt")
+    p.add_argument("--output", type=Path, help="with --prompts_file: append each finished prompt here (JSONL)")
+    p.add_argument("--resume", action="store_true", help="skip the prompts --output already has")
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (argmax)")
@@ -158,6 +145,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); default: torch's")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
     p.add_argument("--compile_prefill", action="store_true", help="compile the prefill too")
     p.add_argument("--draft_layers", type=int, help="self-speculation: draft with layers [0, E)")
@@ -170,27 +158,80 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         fail(f"unknown device {args.device!r}: use cpu or cuda")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail("--device cuda asked for, but no CUDA device is available")
-    if args.num_samples < 1:
-        fail("--num_samples must be at least 1")
-    if args.max_new_tokens < 1:
-        fail("--max_new_tokens must be at least 1")
-    if args.temperature < 0:
-        fail("--temperature must be 0 (greedy) or positive")
-    if args.top_k is not None and args.top_k < 1:
-        fail("--top_k must be at least 1")
-    if args.speculate_k < 1:
-        fail("--speculate_k must be at least 1")
-    if args.draft_layers is not None and args.early_exit is not None:
-        fail("--draft_layers and --early_exit exclude each other")
+    checks = [
+        (args.num_samples < 1, "--num_samples must be at least 1"),
+        (args.batch_size < 1, "--batch_size must be at least 1"),
+        (args.max_new_tokens < 1, "--max_new_tokens must be at least 1"),
+        (args.temperature < 0, "--temperature must be 0 (greedy) or positive"),
+        (args.top_k is not None and args.top_k < 1, "--top_k must be at least 1"),
+        (args.speculate_k < 1, "--speculate_k must be at least 1"),
+        (args.threads is not None and args.threads < 1, "--threads must be at least 1"),
+        (args.draft_layers is not None and args.early_exit is not None, "--draft_layers and --early_exit exclude each other"),
+        (args.interactive and args.prompts_file is not None, "--interactive and --prompts_file exclude each other"),
+        ((args.output is not None or args.resume) and args.prompts_file is None, "--output and --resume need --prompts_file"),
+        (args.resume and args.output is None, "--resume needs --output"),
+    ]
+    for bad, message in checks:
+        if bad:
+            fail(message)
+    if args.prompts_file is not None and not args.prompts_file.is_file():
+        fail(f"prompts file not found: {args.prompts_file}")
     args.dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
     return args
 
 
+def decoding_functions(args: argparse.Namespace) -> tuple[Callable, dict[int, Callable]]:
+    """The prefill and the step of this run, compiled if asked, with their sampling settings bound."""
+    sampling = dict(temperature=args.temperature, top_k=args.top_k)
+    prefill_fn, decode_fn, step_fn = prefill, decode_one_token, speculative_step
+    if args.compile:
+        on_cuda = args.device.startswith("cuda")
+        if on_cuda:
+            torch._inductor.config.coordinate_descent_tuning = True
+            torch._inductor.config.triton.unique_kernel_names = True
+        mode = "reduce-overhead" if on_cuda else "default"
+        decode_fn = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+        step_fn = torch.compile(speculative_step, mode=mode, fullgraph=True)
+        if args.compile_prefill:
+            prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
+    early_exit = args.early_exit is not None
+    if args.draft_layers is not None:
+        steps = {args.speculate_k: partial(step_fn, k=args.speculate_k, **sampling)}
+    else:
+        steps = {0: partial(decode_fn, early_exit=early_exit, **sampling)}
+    return partial(prefill_fn, early_exit=early_exit, **sampling), steps
+
+
+def warm_up(model: Transformer, prefill_fn: Callable, steps: dict[int, Callable], batch_size: int) -> float:
+    """Compiles every step for this batch size before anything is timed: each runs once on
+    placeholder tokens at position 0 (the prefill that follows overwrites what they wrote)."""
+    device = model.tok_embeddings.weight.device
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        prefill_fn(model, torch.zeros(1, 2, dtype=torch.long, device=device), torch.tensor([2], device=device),
+                   torch.tensor([0], device=device))
+        for step in steps.values():
+            token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            step(model, token, torch.zeros(batch_size, dtype=torch.long, device=device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def cache_length(prompt_lengths: list[int], max_new_tokens: int, context: int, slack: int) -> int:
+    """Positions the caches need: the longest prompt + its tokens, within the context, + the slack
+    a self-speculative step may write past the final token (k + 1)."""
+    return max(min(n + max_new_tokens, context) for n in prompt_lengths) + slack
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         model = load_model(args.checkpoint_path, args.device, args.dtype)
         tokenizer = load_tokenizer(args.checkpoint_path.parent / "tokenizer.model")
+        entries = read_prompts_file(args.prompts_file) if args.prompts_file else None
     except (ValueError, OSError) as e:
         fail(str(e))
     exit_layer = args.draft_layers if args.draft_layers is not None else args.early_exit
@@ -201,79 +242,140 @@ def main(argv: Optional[list[str]] = None) -> None:
         fail(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")
 
     torch.manual_seed(args.seed)
-    on_cuda = args.device.startswith("cuda")
-    speculate = args.draft_layers is not None
-    k = args.speculate_k if speculate else 0
-    if speculate:
-        # Imported here: self_spec.py builds on this file's sampling and prefill.
-        from self_spec import speculative_generate, speculative_step
-    prefill_fn, decode_fn, step_fn = prefill, decode_one_token, (speculative_step if speculate else None)
-    if args.compile:
-        if on_cuda:
-            torch._inductor.config.coordinate_descent_tuning = True
-            torch._inductor.config.triton.unique_kernel_names = True
-        mode = "reduce-overhead" if on_cuda else "default"
-        decode_fn = torch.compile(decode_one_token, mode=mode, fullgraph=True)
-        if speculate:
-            step_fn = torch.compile(speculative_step, mode=mode, fullgraph=True)
-        if args.compile_prefill:
-            prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
+    prefill_fn, steps = decoding_functions(args)
+    slack = max(steps) + 1
+    context = model.args.max_seq_length
+    generate_run = partial(generate_batch, model, prefill_fn=prefill_fn, steps=steps, eos_id=tokenizer.eos_id,
+                           batch_size=args.batch_size)
+    info = {"checkpoint": str(args.checkpoint_path), "device": args.device,
+            "dtype": str(args.dtype).removeprefix("torch."), "compile": args.compile,
+            "draft_layers": args.draft_layers, "speculate_k": max(steps) or None, "early_exit": args.early_exit,
+            "batch_size": args.batch_size, "weight_bytes": weight_bytes(model)}
+    if entries is not None:
+        run_prompts_file(args, model, tokenizer, entries, generate_run, prefill_fn, steps, info)
+        return
 
-    prompts = read_prompts() if args.interactive else [args.prompt]
-    results, cache_length = [], 0
-    bytes_per_token = weight_bytes(model)
-    for prompt_text in prompts:
+    results, allocated = [], 0
+    compiled = not args.compile
+    for prompt_text in read_prompts() if args.interactive else [args.prompt]:
         prompt_tokens = tokenizer.encode(prompt_text, bos=True)
-        context = model.args.max_seq_length
         if len(prompt_tokens) >= context:
             fail(f"prompt is {len(prompt_tokens)} tokens; the model's context of {context} leaves no room")
-        max_new_tokens = min(args.max_new_tokens, context - len(prompt_tokens))
-        # Self-speculation's last step may write k + 1 positions past the final token.
-        needed = len(prompt_tokens) + max_new_tokens + k + 1
-        if needed > cache_length:
-            cache_length = needed
+        needed = cache_length([len(prompt_tokens)], args.max_new_tokens, context, slack)
+        if needed > allocated:  # grows for a longer prompt (and recompiles); kept otherwise
+            allocated = needed
             with torch.device(args.device):
-                model.setup_caches(1, cache_length, exit_layer)
-        prompt = torch.tensor(prompt_tokens, device=args.device)
-        warmup = 1 if args.compile and not results else 0  # compile once, on the first prompt
-        for i in range(warmup + args.num_samples):
-            stream = TextStream(tokenizer, prompt_tokens, enabled=i >= warmup, show_drafts=args.show_drafts)
-            if stream.enabled:
+                model.setup_caches(args.batch_size, allocated, exit_layer)
+            compiled = not args.compile
+        if not compiled:
+            print(f"compilation (not timed): {warm_up(model, prefill_fn, steps, args.batch_size):.1f} s", file=sys.stderr)
+            compiled = True
+        for _ in range(args.num_samples):
+            stream = None
+            if args.batch_size == 1:
                 print(prompt_text, end="", flush=True)
-            if on_cuda:
-                torch.cuda.synchronize()
+                stream = TextStream(tokenizer, prompt_tokens, show_drafts=args.show_drafts)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                if speculate:
-                    tokens, stats = speculative_generate(
-                        model, prompt, max_new_tokens, k, temperature=args.temperature, top_k=args.top_k,
-                        eos_id=tokenizer.eos_id, prefill_fn=prefill_fn, step_fn=step_fn, on_tokens=stream)
-                else:
-                    tokens, stats = generate(
-                        model, prompt, max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        eos_id=tokenizer.eos_id, prefill_fn=prefill_fn, decode_fn=decode_fn,
-                        early_exit=args.early_exit is not None, on_tokens=stream)
-            if on_cuda:
-                torch.cuda.synchronize()
+                samples = generate_run([prompt_tokens] * args.batch_size, args.max_new_tokens, on_tokens=stream)
             seconds = time.perf_counter() - t0
-            if i < warmup:
-                print(f"compilation (first sample, not timed): {seconds:.1f} s", file=sys.stderr)
-                continue
-            tokens_per_sec = len(tokens) / seconds
-            sample = {"prompt_tokens": prompt_tokens, "generated_tokens": tokens,
-                      "text": stream.text(), "tokens_per_sec": tokens_per_sec, **stats}
-            results.append(sample)
-            report = f"\n\n{len(tokens)} tokens in {seconds:.2f} s: {tokens_per_sec:.2f} tokens/s"
-            report += f", {bytes_per_token * tokens_per_sec / 1e9:.2f} GB/s of weights"
-            if stats["acceptance_rate"] is not None:
-                report += f", acceptance {stats['acceptance_rate']:.1%}, {stats['tokens_per_step']:.2f} tokens/step"
-            print(report + f", peak memory {peak_memory_gb(args.device):.2f} GB", flush=True)
+            for sample in samples:
+                sample.pop("index")
+                sample["text"] = completion_text(tokenizer, prompt_tokens, sample["generated_tokens"])
+                if stream is None:
+                    print(f"{prompt_text}{sample['text']}\n")
+            results += samples
+            report(samples, seconds, info["weight_bytes"], args.device)
     if args.json:
-        print(json.dumps({"samples": results, "checkpoint": str(args.checkpoint_path), "device": args.device,
-                          "dtype": str(args.dtype).removeprefix("torch."), "compile": args.compile,
-                          "draft_layers": args.draft_layers, "speculate_k": k or None,
-                          "early_exit": args.early_exit, "weight_bytes": bytes_per_token,
-                          "peak_memory_gb": peak_memory_gb(args.device)}))
+        print(json.dumps({"samples": results, **info, "peak_memory_gb": peak_memory_gb(args.device)}))
+
+
+def report(samples: list[dict], seconds: float, bytes_per_token: int, device: str) -> None:
+    """tokens/s of a run of one prompt (one sample, or batch_size samples generated together)."""
+    tokens = sum(len(s["generated_tokens"]) for s in samples)
+    line = f"\n\n{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.2f} tokens/s"
+    if len(samples) == 1:  # one row: every weight is read once per token
+        line += f", {bytes_per_token * tokens / seconds / 1e9:.2f} GB/s of weights"
+    else:
+        line += f" over {len(samples)} rows"
+    drafted = [s for s in samples if s["acceptance_rate"] is not None]
+    if drafted:
+        acceptance = sum(s["acceptance_rate"] for s in drafted) / len(drafted)
+        per_step = sum(s["tokens_per_step"] for s in drafted) / len(drafted)
+        line += f", acceptance {acceptance:.1%}, {per_step:.2f} tokens/step"
+    print(line + f", peak memory {peak_memory_gb(device):.2f} GB", flush=True)
+
+
+def run_prompts_file(args: argparse.Namespace, model: Transformer, tokenizer, entries: list[dict],
+                     generate_run: Callable, prefill_fn: Callable, steps: dict[int, Callable], info: dict) -> None:
+    """Every prompt of the file, batch_size at a time; each finished prompt is appended to --output
+    (or printed as a JSON line) at once, so an interrupted run keeps what it finished."""
+    from tqdm import tqdm
+
+    settings = {key: info[key] for key in ("checkpoint", "dtype", "draft_layers", "speculate_k", "early_exit")}
+    settings.update(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    try:
+        done = read_finished(args.output, settings, entries) if args.resume else set()
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    if args.output is not None and not args.resume:
+        args.output.write_text("")  # a fresh run starts a fresh file
+    out = open(args.output, "a", encoding="utf-8") if args.output is not None else sys.stdout
+
+    def write(record: dict) -> None:
+        out.write(json.dumps({**record, "settings": settings}) + "\n")
+        out.flush()
+        if out is not sys.stdout:
+            os.fsync(out.fileno())
+
+    context = model.args.max_seq_length
+    todo, encoded = [], {}
+    for index, entry in enumerate(entries):
+        if index in done:
+            continue
+        tokens = tokenizer.encode(entry["prompt"], bos=True)
+        if len(tokens) >= context:
+            reason = f"prompt is {len(tokens)} tokens; the model's context of {context} leaves no room"
+            print(f"warning: prompt {index} skipped: {reason}", file=sys.stderr)
+            write({**entry, "index": index, "skipped": reason})
+            continue
+        todo.append(index)
+        encoded[index] = tokens
+    if done:
+        print(f"resuming: {len(done)} of {len(entries)} prompts already in {args.output}", file=sys.stderr)
+    results = []
+    if todo:
+        with torch.device(args.device):
+            model.setup_caches(args.batch_size, cache_length([len(encoded[i]) for i in todo], args.max_new_tokens,
+                                                             context, max(steps) + 1), info["draft_layers"] or info["early_exit"])
+        if args.compile:
+            print(f"compilation (not timed): {warm_up(model, prefill_fn, steps, args.batch_size):.1f} s", file=sys.stderr)
+        bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr, dynamic_ncols=True)
+        t0, generated = time.perf_counter(), 0
+
+        def on_done(result: dict) -> None:
+            nonlocal generated
+            index = todo[result["index"]]
+            result["text"] = completion_text(tokenizer, result["prompt_tokens"], result["generated_tokens"])
+            write({**entries[index], **result, "index": index})
+            results.append(result)
+            generated += len(result["generated_tokens"])
+            bar.update()
+            bar.set_postfix_str(f"{generated / (time.perf_counter() - t0):.1f} tokens/s")
+
+        try:
+            with torch.inference_mode():
+                generate_run([encoded[i] for i in todo], args.max_new_tokens, on_done=on_done)
+        except KeyboardInterrupt:
+            bar.close()
+            where = f"in {args.output}; --resume continues" if args.output else "above"
+            fail(f"interrupted: {len(results)} of {len(todo)} prompts finished, {where}")
+        bar.close()
+        seconds = time.perf_counter() - t0
+        print(f"{len(todo)} prompts, {generated} tokens in {seconds:.2f} s: {generated / seconds:.2f} tokens/s "
+              f"aggregate, batch size {args.batch_size}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"samples": results, **info, "peak_memory_gb": peak_memory_gb(args.device)}))
 
 
 if __name__ == "__main__":

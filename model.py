@@ -76,18 +76,24 @@ class ModelArgs:
 
 
 class KVCache(nn.Module):
-    """Static cache for one layer, allocated once; written in place at the given positions."""
+    """Static cache for one layer, allocated once; written in place at each row's own positions."""
 
     def __init__(self, batch: int, length: int, n_kv_head: int, head_dim: int, dtype: torch.dtype):
         super().__init__()
         shape = (batch, n_kv_head, length, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("every_row", torch.arange(batch)[:, None], persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """k, v (b, heads, T, head_dim) at input_pos (b, T) of cache rows `rows` (b,); None is every
+        row in order (a decode step). Returns the keys and values those rows attend to."""
+        index = self.every_row if rows is None else rows[:, None]
+        self.k[index, :, input_pos] = k.transpose(1, 2)
+        self.v[index, :, input_pos] = v.transpose(1, 2)
+        if rows is None:
+            return self.k, self.v
+        return self.k[rows], self.v[rows]  # a prefill of some rows: a copy of those rows only
 
 
 class Transformer(nn.Module):
@@ -104,6 +110,7 @@ class Transformer(nn.Module):
         # Buffers, not plain attributes, so a CUDA graph treats them as static memory.
         self.register_buffer("exit_cache", None, persistent=False)
         self.register_buffer("rope", None, persistent=False)
+        self.register_buffer("every_row", None, persistent=False)  # (B, 1): each cache row, in order
         self.cache_length = 0
 
     def setup_rope(self, length: int) -> None:
@@ -124,36 +131,39 @@ class Transformer(nn.Module):
                 batch, length, self.args.n_kv_head, self.args.head_dim, weight.dtype
             ).to(weight.device)
         self.exit_cache = torch.zeros(batch, length, self.args.dim, dtype=weight.dtype, device=weight.device)
+        self.every_row = torch.arange(batch, device=weight.device)[:, None]
         self.setup_rope(length)
 
     def _mask(self, input_pos: Tensor) -> Tensor:
-        # Query at position p sees cache entries 0..p only: entries past it are stale drafts.
+        # A query at position p sees cache entries 0..p of its own row only: entries past it are
+        # stale drafts, padding or another prompt's leftovers. (b, 1, T, cache_length)
         key_pos = torch.arange(self.cache_length, device=input_pos.device)
-        return key_pos[None, :] <= input_pos[:, None]
+        return (key_pos <= input_pos[..., None])[:, None]
 
-    def run_layers(self, x: Tensor, input_pos: Tensor, start: int, end: int) -> Tensor:
+    def run_layers(self, x: Tensor, input_pos: Tensor, start: int, end: int, rows: Optional[Tensor]) -> Tensor:
         mask = self._mask(input_pos)
         rope = self.rope[input_pos]
         for layer in self.layers[start:end]:
-            x = layer(x, rope, input_pos, mask)
+            x = layer(x, rope, input_pos, mask, rows)
         return x
 
-    def early(self, idx: Tensor, input_pos: Tensor) -> Tensor:
-        """Layers [0, E) on tokens at `input_pos`; keeps their hidden state at E in the exit cache."""
-        h = self.run_layers(self.tok_embeddings(idx), input_pos, 0, self.exit_layer)
-        self.exit_cache.index_copy_(1, input_pos, h)
+    def early(self, idx: Tensor, input_pos: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+        """Layers [0, E) on tokens idx (b, T) at input_pos (b, T), one row of the caches per row of
+        idx (`rows`, or every row in order); keeps their hidden state at E in the exit cache."""
+        h = self.run_layers(self.tok_embeddings(idx), input_pos, 0, self.exit_layer, rows)
+        self.exit_cache[self.every_row if rows is None else rows[:, None], input_pos] = h
         return h
 
-    def late(self, h: Tensor, input_pos: Tensor) -> Tensor:
-        """Layers [E, L) on exit-layer hidden states at `input_pos`."""
-        return self.run_layers(h, input_pos, self.exit_layer, self.args.n_layer)
+    def late(self, h: Tensor, input_pos: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+        """Layers [E, L) on exit-layer hidden states at input_pos (b, T)."""
+        return self.run_layers(h, input_pos, self.exit_layer, self.args.n_layer, rows)
 
     def head(self, h: Tensor) -> Tensor:
         """The one shared final norm + LM head, used by every exit."""
         return self.output(self.norm(h))
 
-    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
-        return self.head(self.late(self.early(idx, input_pos), input_pos))
+    def forward(self, idx: Tensor, input_pos: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+        return self.head(self.late(self.early(idx, input_pos, rows), input_pos, rows))
 
 
 class Block(nn.Module):
@@ -164,8 +174,9 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, rope: Tensor, input_pos: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask)
+    def forward(self, x: Tensor, rope: Tensor, input_pos: Optional[Tensor], mask: Optional[Tensor],
+                rows: Optional[Tensor] = None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -178,7 +189,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: Tensor, rope: Tensor, input_pos: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, input_pos: Optional[Tensor], mask: Optional[Tensor],
+                rows: Optional[Tensor] = None) -> Tensor:
         bsz, seqlen, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -187,7 +199,7 @@ class Attention(nn.Module):
         v = v.view(bsz, seqlen, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v, rows)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:  # training: the whole sequence at once, plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -244,8 +256,9 @@ def precompute_rope(length: int, args: ModelArgs, device: torch.device) -> Tenso
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """x (b, heads, T, head_dim); rope (b, T, 2, head_dim) per row, or (T, 2, head_dim) for all rows."""
     # Hugging Face's half-split layout ("rotate_half"), so converted weights need no permutation.
-    cos, sin = rope[:, 0].to(x.dtype), rope[:, 1].to(x.dtype)
+    cos, sin = rope[..., 0, :].unsqueeze(-3).to(x.dtype), rope[..., 1, :].unsqueeze(-3).to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 

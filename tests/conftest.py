@@ -18,6 +18,11 @@ from tiny_tokenizers import make_sentencepiece_model, make_tiktoken_model  # noq
 
 N_LAYER = 6
 
+# The test models are tiny: a second thread only adds synchronisation, and on a busy 2-core machine
+# OpenMP threads that wait for each other make small operations many times slower. Subprocesses
+# get OMP_NUM_THREADS=1 for the same reason.
+torch.set_num_threads(1)
+
 
 def hf_config(style: str, vocab_size: int):
     from transformers import LlamaConfig

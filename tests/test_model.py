@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from generate import generate
+from common import generate
 from model import ModelArgs, load_model
 from tokenizer import load_tokenizer
 
@@ -19,7 +19,7 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoints, style, fmt):
     model.setup_caches(1, 128)
     ids = torch.tensor(prompt)
     with torch.inference_mode():
-        ours = model(ids[None], torch.arange(len(prompt)))
+        ours = model(ids[None], torch.arange(len(prompt))[None])
         theirs = hf(ids[None]).logits
     assert (ours - theirs).norm() / theirs.norm() < 1e-4
 
@@ -61,9 +61,9 @@ def test_stale_cache_entries_are_never_read(checkpoints):
     model.setup_caches(1, 64)
     ids = torch.randint(0, 300, (1, 10))
     with torch.inference_mode():
-        clean = model(ids, torch.arange(10))
+        clean = model(ids, torch.arange(10)[None])
         for layer in model.layers:
             layer.attention.kv_cache.k[:, :, 10:].normal_()
             layer.attention.kv_cache.v[:, :, 10:].normal_()
-        again = model(ids, torch.arange(10))
+        again = model(ids, torch.arange(10)[None])
     assert torch.equal(clean, again)

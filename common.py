@@ -1,0 +1,230 @@
+"""What the command lines share, below all of them: sampling, prefill, the decode step, the batched
+generation loop, the checkpoint writer, and the one-line error and atomic write every tool uses.
+
+The loop runs B rows of a static batch, each row at its own position. A step - one autoregressive
+token, or a self-speculative draft/verify/accept from self_spec.py - advances every row by its
+own count; the host reads the step's results back once for the whole batch. A row that ends
+(EOS or its token budget) is refilled with the next prompt, prefilled into that row of the caches
+while the other rows keep their place, so a long prompt never holds the batch hostage.
+"""
+import os
+import shutil
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from model import ModelArgs, Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def fail(message: str) -> None:
+    """The one way a tool reports bad input: one line on stderr, exit status 1."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) to a temporary name beside `path`, then rename: `path` is whole or absent."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(out_dir: Path, args: ModelArgs, state: dict, tokenizer: Path) -> None:
+    """The engine's format: model_config.json, tokenizer.model and model.pth side by side.
+
+    Each file is written under a temporary name and renamed, model.pth last: its presence means
+    the write finished. A tied head is the embedding, so it is stored once.
+    """
+    if args.tie_embeddings:
+        state = {name: w for name, w in state.items() if name != "output.weight"}
+    atomic_write(out_dir / "model_config.json", args.save)
+    if Path(tokenizer).resolve() != (out_dir / "tokenizer.model").resolve():
+        atomic_write(out_dir / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer, tmp))
+    atomic_write(out_dir / "model.pth", lambda tmp: torch.save(state, tmp))
+
+
+def check_exit_layer(flag: str, exit_layer: int, n_layer: int) -> None:
+    """An exit needs at least one layer on each side: [0, E) drafts, [E, L) verifies."""
+    if not 1 <= exit_layer < n_layer:
+        fail(f"{flag} must be between 1 and {n_layer - 1} for this {n_layer}-layer model, got {exit_layer}")
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes of weights read per full forward: every parameter but the embedding table."""
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+               if not name.startswith("tok_embeddings") or model.args.tie_embeddings)
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+def logits_to_probs(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
+    """Sampling distribution over the last dim; temperature 0 is the one-hot argmax (greedy)."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = torch.where(logits < kth, -float("inf"), logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def sample_from_probs(probs: Tensor) -> Tensor:
+    # argmax(p / Exp(1)) draws from p (the exponential-race trick) without the host sync that
+    # torch.multinomial makes; on a one-hot p it returns the argmax exactly.
+    return torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1)
+
+
+# --- prefill and the autoregressive step -----------------------------------------------------------
+
+def model_logits(model: Transformer, idx: Tensor, input_pos: Tensor, early_exit: bool,
+                 rows: Optional[Tensor] = None) -> Tensor:
+    """Full model, or with early_exit only layers [0, E) + the shared head (lossy)."""
+    if early_exit:
+        return model.head(model.early(idx, input_pos, rows))
+    return model(idx, input_pos, rows)
+
+
+def prefill(model: Transformer, idx: Tensor, lengths: Tensor, rows: Tensor, temperature: float,
+            top_k: Optional[int], early_exit: bool = False) -> Tensor:
+    """Prompts idx (b, T), right-padded to the longest, into cache rows `rows`; returns each row's
+    first generated token (b,). Padding sits past each prompt's end, where the position mask hides
+    it until decoding overwrites it."""
+    input_pos = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)
+    logits = model_logits(model, idx, input_pos, early_exit, rows)
+    last = logits[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
+    return sample_from_probs(logits_to_probs(last, temperature, top_k))
+
+
+def decode_one_token(model: Transformer, token: Tensor, pos: Tensor, temperature: float,
+                     top_k: Optional[int], early_exit: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One autoregressive token for every row: token (B, 1) at pos (B,). Returns what a
+    self-speculative step returns, with no drafts: (out (B, 1), accepted (B,) = 0, next token,
+    next position)."""
+    logits = model_logits(model, token, pos[:, None], early_exit)[:, -1]
+    next_token = sample_from_probs(logits_to_probs(logits, temperature, top_k))[:, None]
+    return next_token, torch.zeros_like(pos), next_token, pos + 1
+
+
+# --- the batched loop ---------------------------------------------------------------------------
+
+def generate_batch(model: Transformer, prompts: Iterable[list[int]], max_new_tokens: int, *,
+                   prefill_fn: Callable, steps: dict[int, Callable], eos_id: int, batch_size: int = 1,
+                   policy=None, on_tokens: Optional[Callable[[int, list[int], list[bool]], None]] = None,
+                   on_done: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """Generates for every prompt, `batch_size` rows at a time; returns one result per prompt, in
+    the prompts' order.
+
+    prefill_fn(model, idx, lengths, rows) -> first tokens, and steps {k: step(model, token, pos)}
+    (k = 0: autoregressive) come with their sampling settings bound. With several steps a policy
+    picks k before each step (`choose()`) and hears how it went (`observe(k, accepted, seconds)`).
+    Each prompt stops after EOS (kept) or max_new_tokens, fewer where its context ends. The caches
+    must be set up for batch_size rows and the longest prompt + its tokens + max(k) + 1 positions.
+
+    on_tokens(index, new_tokens, from_draft) streams; on_done(result) is called as each prompt ends
+    with prompt_tokens, generated_tokens, seconds, tokens_per_sec, acceptance_rate, tokens_per_step.
+    """
+    device = model.tok_embeddings.weight.device
+    context = model.args.max_seq_length
+    token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+    pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+    rows: list[Optional[dict]] = [None] * batch_size  # the prompt each row is generating, or None
+    idle_rows, idle = None, None
+    queue = iter(enumerate(prompts))
+    results = []
+
+    def finish(r: int) -> None:
+        row, rows[r] = rows[r], None
+        seconds = time.perf_counter() - row["start"]
+        tokens = row["tokens"]
+        result = {"index": row["index"], "prompt_tokens": row["prompt"], "generated_tokens": tokens,
+                  "seconds": seconds, "tokens_per_sec": len(tokens) / seconds,
+                  "acceptance_rate": row["accepted"] / row["drafted"] if row["drafted"] else None,
+                  "tokens_per_step": (len(tokens) - 1) / row["steps"] if row["drafted"] else None}
+        results.append(result)
+        if on_done:
+            on_done(result)
+
+    def add(r: int, new: list[int], from_draft: list[bool]) -> None:
+        """Appends a row's new tokens up to EOS or its budget; frees the row when it is done."""
+        row = rows[r]
+        if eos_id in new:
+            new = new[: new.index(eos_id) + 1]
+        new = new[: row["budget"] - len(row["tokens"])]
+        row["tokens"] += new
+        if on_tokens:
+            on_tokens(row["index"], new, from_draft[: len(new)])
+        if row["tokens"][-1] == eos_id or len(row["tokens"]) == row["budget"]:
+            finish(r)
+
+    def refill() -> None:
+        """Prefills the next prompts into the free rows, all of them in one padded pass."""
+        while None in rows:
+            free = [r for r, row in enumerate(rows) if row is None]
+            starting = [(r, item) for r, item in zip(free, queue)]
+            if not starting:
+                return
+            start = time.perf_counter()
+            lengths = [len(prompt) for _, (_, prompt) in starting]
+            idx = torch.zeros(len(starting), max(lengths), dtype=torch.long)
+            for i, (_, (_, prompt)) in enumerate(starting):
+                idx[i, : len(prompt)] = torch.tensor(prompt)
+            where = torch.tensor([r for r, _ in starting], device=device)
+            length_t = torch.tensor(lengths, device=device)
+            first = prefill_fn(model, idx.to(device), length_t, where)
+            token[where, 0] = first
+            pos[where] = length_t
+            for (r, (index, prompt)), t in zip(starting, first.tolist()):
+                rows[r] = {"index": index, "prompt": prompt, "tokens": [], "start": start, "steps": 0,
+                           "drafted": 0, "accepted": 0, "budget": min(max_new_tokens, context - len(prompt))}
+                add(r, [t], [False])  # may finish at once: EOS first, or a budget of one token
+
+    refill()
+    while any(row is not None for row in rows):
+        # Rows with nothing to do step along with the others (the shapes are fixed); parked at
+        # position 0 they can never run past the end of the cache, and their output is ignored.
+        if idle_rows != [row is None for row in rows]:  # copied to the device only when it changes
+            idle_rows = [row is None for row in rows]
+            idle = torch.tensor(idle_rows, device=device)
+        if any(idle_rows):
+            pos.masked_fill_(idle, 0)
+        k = policy.choose() if policy else next(iter(steps))
+        t0 = time.perf_counter()
+        out, n, next_token, next_pos = steps[k](model, token, pos)
+        # A CUDA graph overwrites its outputs on the next replay: keep our own copies.
+        token, pos = next_token.clone(), next_pos.clone()
+        readback = torch.cat([n[:, None], out], 1).tolist()  # the step's one read back to the host
+        accepted = []
+        for r, (n_r, *out_r) in enumerate(readback):
+            if rows[r] is None:
+                continue
+            rows[r]["steps"] += 1
+            rows[r]["drafted"] += k
+            rows[r]["accepted"] += n_r
+            accepted.append(n_r)
+            add(r, out_r[: n_r + 1], [True] * n_r + [False])
+        if policy:
+            policy.observe(k, accepted, time.perf_counter() - t0)
+        refill()
+    return sorted(results, key=lambda result: result["index"])
+
+
+def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, temperature: float,
+             top_k: Optional[int], eos_id: int, prefill_fn: Callable = prefill,
+             decode_fn: Callable = decode_one_token, early_exit: bool = False,
+             on_tokens: Optional[Callable[[int, list[int], list[bool]], None]] = None) -> tuple[list[int], dict]:
+    """One prompt, autoregressive (or early-exit only): its tokens and stats, from generate_batch."""
+    result = generate_batch(
+        model, [prompt.tolist()], max_new_tokens, eos_id=eos_id, on_tokens=on_tokens,
+        prefill_fn=partial(prefill_fn, temperature=temperature, top_k=top_k, early_exit=early_exit),
+        steps={0: partial(decode_fn, temperature=temperature, top_k=top_k, early_exit=early_exit)})[0]
+    return result["generated_tokens"], {"acceptance_rate": None, "tokens_per_step": None}
