@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from convert_hf_checkpoint import atomic_write, save_checkpoint
-from generate import DTYPES, fail
+from common import DTYPES, atomic_write, fail, save_checkpoint
 from model import ModelArgs, Transformer, load_model
 from tokenizer import load_tokenizer
 
@@ -45,7 +44,7 @@ STATE_FILE = "train_state.pt"  # weights in float32 + optimizer state + step, fo
 # ----------------------------------------------------------------------------- the recipe
 
 
-def dropout_rates(step: int, steps: int, n_layer: int, p_max: float, depth: str = "exp", schedule: str = "constant") -> Tensor:
+def dropout_rates(step: int, steps: int, n_layer: int, p_max: float, depth: str, schedule: str) -> Tensor:
     """p_l = S(t) * D(l) * p_max for every layer l at step t, as a float tensor of shape (n_layer,).
 
     D(l) = exp(l ln2 / (L-1)) - 1 (exp) or l / (L-1) (linear): 0 for the first layer, 1 for the last.
@@ -59,7 +58,7 @@ def dropout_rates(step: int, steps: int, n_layer: int, p_max: float, depth: str 
     return (s * d * p_max).float()
 
 
-def exits_on(step: int, steps: int, n_layer: int, curriculum: str, rotation: int = 2, gradual_fraction: float = 0.5) -> Tensor:
+def exits_on(step: int, steps: int, n_layer: int, curriculum: str, rotation: int, gradual_fraction: float) -> Tensor:
     """The curriculum C(t, l): which layers' early-exit losses count at step t (bool, shape (n_layer,))."""
     l = torch.arange(n_layer)
     if curriculum == "none":  # no curriculum: every exit at every step
@@ -74,7 +73,7 @@ def exits_on(step: int, steps: int, n_layer: int, curriculum: str, rotation: int
     return on
 
 
-def exit_weights(on: Tensor, e_scale: float, loss_scale: str = "sum_l") -> Tensor:
+def exit_weights(on: Tensor, e_scale: float, loss_scale: str) -> Tensor:
     """Normalised weight of each layer's early-exit loss; 0 where the curriculum has the exit off.
 
     As in the LayerSkip code (torchtune's early_exit_loss): layer l, numbered n = l + 1, gets
@@ -119,7 +118,7 @@ def run_layers(model: Transformer, idx: Tensor, keep: Optional[Tensor] = None) -
     return hidden
 
 
-def early_exit_loss(model: Transformer, hidden: list[Tensor], targets: Tensor, weights: Tensor) -> tuple[Tensor, dict[int, float]]:
+def early_exit_loss(model: Transformer, hidden: list[Tensor], targets: Tensor, weights: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
     """sum_l w_l * CE(head(h_l), targets); the head is only run for the exits that are on.
 
     Returns the weighted loss and the loss of each layer that was on (detached, for logging:
@@ -382,6 +381,24 @@ def build_model(args, tokenizer_path: Path) -> Transformer:
     return model
 
 
+def train_step(model: Transformer, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, keep: Optional[Tensor],
+               weights: Tensor, grad_clip: float, device: str) -> tuple[Tensor, dict[int, Tensor]]:
+    """One optimizer step on the batch (x, y): the layers run under the dropout mask `keep`; the loss
+    is the early-exit loss with exit weights `weights`. Returns it and the per-layer losses.
+
+    The gradients are set to None rather than zeroed: a layer that every sample of the batch skips
+    then has no gradient, and AdamW leaves it alone (no step from its momentum, no weight decay).
+    """
+    with autocast(device):
+        hidden = run_layers(model, x, keep)
+        loss, per_layer = early_exit_loss(model, hidden, y, weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss, per_layer
+
+
 def train(args) -> None:
     out_dir = Path(args.out_dir)  # created by the first write: bad input leaves no empty folder
     device = args.device
@@ -460,13 +477,7 @@ def train(args) -> None:
         keep = keep.to(device) if keep is not None else None
         on = exits_on(step, args.steps, model.args.n_layer, args.curriculum, args.rotation, args.gradual_fraction)
         weights = exit_weights(on, args.e_scale, args.loss_scale)
-        with autocast(device):
-            hidden = run_layers(model, x.to(device), keep)
-            loss, per_layer = early_exit_loss(model, hidden, y.to(device), weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        loss, per_layer = train_step(model, optimizer, x.to(device), y.to(device), keep, weights, args.grad_clip, device)
 
         step_rate = x.numel() / (time.time() - t_step)
         tokens_per_sec = step_rate if step == start else 0.9 * tokens_per_sec + 0.1 * step_rate

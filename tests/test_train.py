@@ -87,6 +87,10 @@ def test_dropout_rates_match_formulas():
     assert train.dropout_rates(50, T, L, p_max, "exp", "exp")[-1].item() == pytest.approx((math.sqrt(2) - 1) * p_max, rel=1e-6)
     rates = train.dropout_rates(30, T, L, p_max, "exp", "exp")
     assert all(a < b for a, b in zip(rates[1:], rates[2:]))  # rising with depth
+    # the same ends in the smallest cases: 2 layers (the second is the last), 2 steps (the second is the last)
+    assert train.dropout_rates(0, T, 2, p_max, "linear", "constant").tolist() == pytest.approx([0.0, p_max])
+    assert train.dropout_rates(0, T, 2, p_max, "exp", "constant").tolist() == pytest.approx([0.0, p_max])
+    assert train.dropout_rates(1, 2, 2, p_max, "exp", "exp").tolist() == pytest.approx([0.0, p_max])
 
 
 def test_keep_mask_follows_rates_in_training_and_is_off_in_eval():
@@ -105,30 +109,46 @@ def test_keep_mask_follows_rates_in_training_and_is_off_in_eval():
     assert train.layer_keep_mask(model, torch.zeros(4), 16) is None
 
 
+def test_keep_mask_skips_exactly_below_the_rate(monkeypatch):
+    """A layer is skipped when the uniform draw in [0, 1) is below its rate: probability exactly the
+    rate, and a layer of rate 0 (the first) is never skipped, not even on a draw of exactly 0.0."""
+    model = tiny_model(n_layer=4)
+    draws = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.5, 0.1, 0.3, 0.6], [0.9, 0.09, 0.29, 0.59]])
+    monkeypatch.setattr(train.torch, "rand", lambda batch, n, generator=None: draws[:batch, :n])
+    keep = train.layer_keep_mask(model, torch.tensor([0.0, 0.1, 0.3, 0.6]), 3)
+    assert keep.tolist() == [[True, False, False, False], [True, True, True, True], [True, False, False, False]]
+
+
 def test_eval_runs_every_layer_and_matches_the_engine_forward():
     """evaluate_layers drops nothing, even on a model left in train mode, and its last-layer
     logits are the engine's own KV-cache forward."""
     model = tiny_model(n_layer=4)
     windows = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(1))
     model.train()
-    first = train.evaluate_layers(model, windows)
-    second = train.evaluate_layers(model, windows)
-    assert first == second  # no randomness: no dropout
+    results = train.evaluate_layers(model, windows)
     assert model.training  # evaluation leaves the mode as it found it
+    # a mask that training would draw for this model now: what evaluation must not apply
+    keep = train.layer_keep_mask(model, torch.full((4,), 0.5), 3, torch.Generator().manual_seed(0))
 
     model.eval()
     x, y = windows[:, :-1], windows[:, 1:]
+
+    def exit_losses(hidden: list[torch.Tensor]) -> list[float]:
+        return [F.cross_entropy(model.head(h).reshape(-1, 64), y.reshape(-1)).item() for h in hidden]
+
     with torch.no_grad():
         hidden = train.run_layers(model, x)
-        by_hand = [F.cross_entropy(model.head(h).reshape(-1, 64), y.reshape(-1)).item() for h in hidden]
+        by_hand = exit_losses(hidden)
+        dropped = exit_losses(train.run_layers(model, x, keep))
         model.setup_caches(3, 32)
-        engine = model(x, torch.arange(16))
+        engine = model(x, torch.arange(16).expand(3, -1))
         model.setup_rope(64)
-    assert [r["loss"] for r in first] == pytest.approx(by_hand, rel=1e-5)
+    assert [r["loss"] for r in results] == pytest.approx(by_hand, rel=1e-5)
+    assert dropped != pytest.approx(by_hand, rel=1e-5)  # what that comparison would catch
     final = model.head(hidden[-1]).argmax(-1)
     agree = [(model.head(h).argmax(-1) == final).float().mean().item() for h in hidden]
-    assert [r["agreement"] for r in first] == pytest.approx(agree) and first[-1]["agreement"] == 1.0
-    assert [r["accuracy"] for r in first] == pytest.approx([(model.head(h).argmax(-1) == y).float().mean().item() for h in hidden])
+    assert [r["agreement"] for r in results] == pytest.approx(agree) and results[-1]["agreement"] == 1.0
+    assert [r["accuracy"] for r in results] == pytest.approx([(model.head(h).argmax(-1) == y).float().mean().item() for h in hidden])
     assert torch.allclose(engine, model.head(hidden[-1]), atol=1e-5)
 
 
@@ -205,7 +225,7 @@ def test_early_exit_loss_equals_hand_computation(curriculum, loss_scale):
             expected = sum(w * c for w, c in zip(e, ce)) / sum(e)
 
             got_on = train.exits_on(step, steps, L, curriculum, rotation, fraction)
-            assert got_on.tolist() == on
+            assert got_on.tolist() == on and got_on.dtype == torch.bool
             weights = train.exit_weights(got_on, e_scale, loss_scale)
             assert weights.sum().item() == pytest.approx(1.0)
             loss, per_layer = train.early_exit_loss(model, train.run_layers(model, x), y, weights)
@@ -216,18 +236,60 @@ def test_early_exit_loss_equals_hand_computation(curriculum, loss_scale):
 def test_curricula_and_scales_literal_values():
     """A few values written out, so that a formula shared by the code and the hand computation
     cannot hide a mistake."""
-    assert train.exits_on(0, 10, 4, "rotational", 2).tolist() == [True, False, True, True]
-    assert train.exits_on(1, 10, 4, "rotational", 2).tolist() == [False, True, False, True]
-    assert train.exits_on(2, 10, 6, "rotational", 3).tolist() == [False, False, True, False, False, True]
+    assert train.exits_on(0, 10, 4, "rotational", 2, 0.5).tolist() == [True, False, True, True]
+    assert train.exits_on(1, 10, 4, "rotational", 2, 0.5).tolist() == [False, True, False, True]
+    assert train.exits_on(2, 10, 6, "rotational", 3, 0.5).tolist() == [False, False, True, False, False, True]
     # gradual, L=4, fraction 0.5 of 100 steps: layer 2 joins at step 25, layer 1 at 37.5, layer 0 at 50
-    assert train.exits_on(0, 100, 4, "gradual", gradual_fraction=0.5).tolist() == [False, False, False, True]
-    assert train.exits_on(25, 100, 4, "gradual", gradual_fraction=0.5).tolist() == [False, False, True, True]
-    assert train.exits_on(38, 100, 4, "gradual", gradual_fraction=0.5).tolist() == [False, True, True, True]
-    assert train.exits_on(50, 100, 4, "gradual", gradual_fraction=0.5).tolist() == [True] * 4
+    assert train.exits_on(0, 100, 4, "gradual", 2, 0.5).tolist() == [False, False, False, True]
+    assert train.exits_on(25, 100, 4, "gradual", 2, 0.5).tolist() == [False, False, True, True]
+    assert train.exits_on(38, 100, 4, "gradual", 2, 0.5).tolist() == [False, True, True, True]
+    assert train.exits_on(50, 100, 4, "gradual", 2, 0.5).tolist() == [True] * 4
     on = torch.tensor([True, False, True, True])
     assert train.exit_weights(on, 0.5, "sum_l").tolist() == pytest.approx([0.5 / 13.5, 0, 3 / 13.5, 10 / 13.5])
     assert train.exit_weights(torch.ones(4, dtype=torch.bool), 1.0, "l").tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
     assert train.exit_weights(torch.ones(4, dtype=torch.bool), 0.0, "sum_l").tolist() == [0, 0, 0, 1]  # plain LM loss
+    with pytest.raises(ValueError, match="unknown curriculum 'sideways'"):
+        train.exits_on(0, 10, 4, "sideways", 2, 0.5)
+
+
+# ----------------------------------------------------------------------------- the training step
+
+
+def test_train_step_is_one_optimizer_step_on_the_masked_weighted_loss():
+    """train_step's clipped gradients and update are those of the loss built by hand,
+    sum_l w_l CE(head(h_l)) with the layers run under the dropout mask; and a layer that every sample
+    skips is not updated at all, not even by the momentum of the step before. (SGD with momentum: its
+    update is linear in the gradient, so rounding differences stay small, unlike Adam's first step.)"""
+    x = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(7))
+    y = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(8))
+    weights = torch.tensor([0.1, 0.0, 0.3, 0.6])
+    keep = torch.tensor([[True, False, True, True], [True, True, False, False], [True, True, True, True]])
+    skip_1 = torch.ones(3, 4, dtype=torch.bool)
+    skip_1[:, 1] = False
+
+    def hand_loss(model: Transformer, mask: torch.Tensor) -> torch.Tensor:
+        h, loss = model.tok_embeddings(x), 0.0
+        for l, layer in enumerate(model.layers):
+            if mask[:, l].any():  # a layer that no sample runs is not part of the computation
+                h = torch.where(mask[:, l, None, None], layer(h, model.rope[:12], None, None), h)
+            loss = loss + weights[l] * F.cross_entropy(model.head(h).reshape(-1, 64), y.reshape(-1))
+        return loss
+
+    model, by_hand = tiny_model(n_layer=4), tiny_model(n_layer=4)  # the same seed: the same weights
+    optimizer, hand_optimizer = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1) for m in (model, by_hand))
+    for mask in (keep, skip_1):
+        layer_1 = [p.detach().clone() for p in model.layers[1].parameters()]
+        train.train_step(model, optimizer, x, y, mask, weights, 0.5, "cpu")  # the gradient norm is ~1.4: clipped
+        hand_optimizer.zero_grad()
+        hand_loss(by_hand, mask).backward()
+        torch.nn.utils.clip_grad_norm_(by_hand.parameters(), 0.5)
+        hand_optimizer.step()
+        for (name, p), q in zip(model.named_parameters(), by_hand.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            assert p.grad is None or torch.allclose(p.grad, q.grad, atol=1e-6), name
+            assert torch.allclose(p, q, atol=1e-6), name
+    assert all(p.grad is None for p in model.layers[1].parameters())
+    assert all(torch.equal(a, b) for a, b in zip(layer_1, model.layers[1].parameters()))
 
 
 # ----------------------------------------------------------------------------- whole runs
@@ -252,12 +314,10 @@ def test_short_run_lowers_held_out_loss_and_checkpoint_loads(tmp_path, data_dir,
     out = tmp_path / "run"
     run_train(["--data", data_dir, "--tokenizer", tokenizer_path, "--val_fraction", "0.2", "--out_dir", out,
                "--steps", 40, "--lr", "3e-3", "--p_max", "0.2", "--curriculum", "rotational", *TINY])
-    printed = capsys.readouterr().out
-    assert "| exit layer |" in printed
-    assert len([line for line in printed.splitlines() if line[:4] in ("| 1 ", "| 2 ", "| 3 ", "| 4 ")]) == 4
-    for name in ("model.pth", "model_config.json", "tokenizer.model", "train_state.pt", "layer_eval.png"):
-        assert (out / name).is_file(), name
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert [line.split("|")[1].strip() for line in table] == ["1", "2", "3", "4"]  # one row per exit layer
     assert (out / "layer_eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "tokenizer.model").read_bytes() == tokenizer_path.read_bytes()  # the model's own, beside it
     assert not list(out.glob("*.tmp"))
 
     state = torch.load(out / "train_state.pt", weights_only=True)
@@ -271,6 +331,7 @@ def test_short_run_lowers_held_out_loss_and_checkpoint_loads(tmp_path, data_dir,
     fresh.eval()
     before, after = last_layer_loss(fresh, tokenizer_path, data_dir), last_layer_loss(trained, tokenizer_path, data_dir)
     assert after < before - 1.0, (before, after)
+    assert f"{after:.3f}" in table[-1]  # the table printed at the end evaluates the checkpoint as written
 
     # the engine loads the checkpoint as it is and computes the same logits as the model in memory
     loaded = load_model(out / "model.pth", "cpu", torch.float32)
@@ -279,7 +340,7 @@ def test_short_run_lowers_held_out_loss_and_checkpoint_loads(tmp_path, data_dir,
     x = torch.randint(0, loaded.args.vocab_size, (1, 20), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         loaded.setup_caches(1, 32)
-        engine_logits = loaded(x, torch.arange(20))
+        engine_logits = loaded(x, torch.arange(20)[None])
         trained.setup_rope(32)
         memory_logits = trained.head(train.run_layers(trained, x)[-1])
     assert torch.allclose(engine_logits, memory_logits, atol=1e-5)
@@ -298,6 +359,41 @@ def test_short_run_lowers_held_out_loss_and_checkpoint_loads(tmp_path, data_dir,
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_training_loop_steps_with_the_mask_it_draws_and_the_curriculum_weights(tmp_path, data_dir, tokenizer_path, monkeypatch):
+    """Each step of train() gives train_step the dropout mask it drew for the step, at the step's
+    rates; the exit weights that the curriculum switches on at the step; the step's learning rate;
+    and targets that are the inputs' next tokens. (That the mask and the batch depend on (seed, step)
+    alone is the resume test's.)"""
+    drawn, stepped = [], []
+    draw, step = train.layer_keep_mask, train.train_step
+
+    def record_draw(model, rates, batch, g=None):
+        keep = draw(model, rates, batch, g)
+        drawn.append((rates, keep))
+        return keep
+
+    def record_step(model, optimizer, x, y, keep, weights, grad_clip, device):
+        stepped.append((optimizer.param_groups[0]["lr"], x, y, keep, weights))
+        return step(model, optimizer, x, y, keep, weights, grad_clip, device)
+
+    monkeypatch.setattr(train, "layer_keep_mask", record_draw)
+    monkeypatch.setattr(train, "train_step", record_step)
+    run_train(["--data", data_dir, "--tokenizer", tokenizer_path, "--val_fraction", "0.2", "--out_dir", tmp_path,
+               "--steps", 6, "--stop_at", 3, "--lr", "1e-3", "--p_max", "0.9", "--dropout_depth", "exp", "--dropout_time", "exp",
+               "--curriculum", "rotational", "--rotation", 2, "--e_scale", "0.5", "--loss_scale", "l", *TINY])
+    assert len(drawn) == len(stepped) == 3
+    for t, ((rates, drawn_keep), (lr, x, y, keep, weights)) in enumerate(zip(drawn, stepped)):
+        assert torch.equal(rates, train.dropout_rates(t, 6, 4, 0.9, "exp", "exp")), t
+        assert (keep is None) == (drawn_keep is None) and (keep is None or torch.equal(keep, drawn_keep)), t
+        on = train.exits_on(t, 6, 4, "rotational", 2, 0.5)
+        assert torch.equal(weights, train.exit_weights(on, 0.5, "l")), t
+        assert lr == train.lr_at(t, 6, 1e-3, 5, 0.1), t  # TINY's --warmup, the default --min_lr_ratio
+        assert torch.equal(y[:, :-1], x[:, 1:]), t
+    # a run where this matters: some layers were skipped, some exits were off
+    assert any(keep is not None and not keep.all() for _, keep in drawn)
+    assert any((weights == 0).any() for *_, weights in stepped)
+
+
 def test_resume_continues_with_same_step_and_optimizer_state(tmp_path, data_dir, tokenizer_path):
     common = ["--data", data_dir, "--tokenizer", tokenizer_path, "--val_fraction", "0.2", "--steps", 8,
               "--p_max", "0.3", "--curriculum", "gradual", "--save_interval", 3, *TINY]
@@ -305,7 +401,8 @@ def test_resume_continues_with_same_step_and_optimizer_state(tmp_path, data_dir,
     run_train([*common, "--out_dir", tmp_path / "split", "--stop_at", 5])
     half = torch.load(tmp_path / "split" / "train_state.pt", weights_only=True)
     assert half["step"] == 5
-    assert len(half["optimizer"]["state"]) > 0
+    # every parameter has its Adam moments saved (the comparisons below are not over an empty state)
+    assert len(half["optimizer"]["state"]) == sum(len(group["params"]) for group in half["optimizer"]["param_groups"])
 
     # what resuming starts from: the saved weights and optimizer state, at step 5
     run_train([*common, "--out_dir", tmp_path / "split", "--resume", "--stop_at", 5])
