@@ -120,18 +120,21 @@ def decode_one_token(model: Transformer, token: Tensor, pos: Tensor, temperature
 def generate_batch(model: Transformer, prompts: Iterable[list[int]], max_new_tokens: int, *,
                    prefill_fn: Callable, steps: dict[int, Callable], eos_id: int, batch_size: int = 1,
                    policy=None, on_tokens: Optional[Callable[[int, list[int], list[bool]], None]] = None,
-                   on_done: Optional[Callable[[dict], None]] = None) -> list[dict]:
+                   on_done: Optional[Callable[[dict], None]] = None,
+                   stop: Optional[Callable[[int, list[int]], bool]] = None) -> list[dict]:
     """Generates for every prompt, `batch_size` rows at a time; returns one result per prompt, in
     the prompts' order.
 
     prefill_fn(model, idx, lengths, rows) -> first tokens, and steps {k: step(model, token, pos)}
     (k = 0: autoregressive) come with their sampling settings bound. With several steps a policy
-    picks k before each step (`choose()`) and hears how it went (`observe(k, accepted, seconds)`).
-    Each prompt stops after EOS (kept) or max_new_tokens, fewer where its context ends. The caches
+    picks k before each step (`choose()`) and hears how it went (`observe(k, accepted per row)`).
+    Each prompt stops after EOS (kept), max_new_tokens (fewer where its context ends) or when
+    stop(index, tokens) says so (a stop sequence; tokens accepted in the same step stay). The caches
     must be set up for batch_size rows and the longest prompt + its tokens + max(k) + 1 positions.
 
     on_tokens(index, new_tokens, from_draft) streams; on_done(result) is called as each prompt ends
-    with prompt_tokens, generated_tokens, seconds, tokens_per_sec, acceptance_rate, tokens_per_step.
+    with prompt_tokens, generated_tokens, seconds, tokens_per_sec, acceptance_rate, tokens_per_step
+    and k_steps ({k: steps taken with k}, 0 for autoregressive steps).
     """
     device = model.tok_embeddings.weight.device
     context = model.args.max_seq_length
@@ -149,7 +152,8 @@ def generate_batch(model: Transformer, prompts: Iterable[list[int]], max_new_tok
         result = {"index": row["index"], "prompt_tokens": row["prompt"], "generated_tokens": tokens,
                   "seconds": seconds, "tokens_per_sec": len(tokens) / seconds,
                   "acceptance_rate": row["accepted"] / row["drafted"] if row["drafted"] else None,
-                  "tokens_per_step": (len(tokens) - 1) / row["steps"] if row["drafted"] else None}
+                  "tokens_per_step": (len(tokens) - 1) / sum(row["k_steps"].values()) if row["drafted"] else None,
+                  "k_steps": row["k_steps"]}
         results.append(result)
         if on_done:
             on_done(result)
@@ -163,7 +167,7 @@ def generate_batch(model: Transformer, prompts: Iterable[list[int]], max_new_tok
         row["tokens"] += new
         if on_tokens:
             on_tokens(row["index"], new, from_draft[: len(new)])
-        if row["tokens"][-1] == eos_id or len(row["tokens"]) == row["budget"]:
+        if row["tokens"][-1] == eos_id or len(row["tokens"]) == row["budget"] or (stop and stop(row["index"], row["tokens"])):
             finish(r)
 
     def refill() -> None:
@@ -184,7 +188,7 @@ def generate_batch(model: Transformer, prompts: Iterable[list[int]], max_new_tok
             token[where, 0] = first
             pos[where] = length_t
             for (r, (index, prompt)), t in zip(starting, first.tolist()):
-                rows[r] = {"index": index, "prompt": prompt, "tokens": [], "start": start, "steps": 0,
+                rows[r] = {"index": index, "prompt": prompt, "tokens": [], "start": start, "k_steps": {},
                            "drafted": 0, "accepted": 0, "budget": min(max_new_tokens, context - len(prompt))}
                 add(r, [t], [False])  # may finish at once: EOS first, or a budget of one token
 
@@ -198,7 +202,6 @@ def generate_batch(model: Transformer, prompts: Iterable[list[int]], max_new_tok
         if any(idle_rows):
             pos.masked_fill_(idle, 0)
         k = policy.choose() if policy else next(iter(steps))
-        t0 = time.perf_counter()
         out, n, next_token, next_pos = steps[k](model, token, pos)
         # A CUDA graph overwrites its outputs on the next replay: keep our own copies.
         token, pos = next_token.clone(), next_pos.clone()
@@ -207,13 +210,13 @@ def generate_batch(model: Transformer, prompts: Iterable[list[int]], max_new_tok
         for r, (n_r, *out_r) in enumerate(readback):
             if rows[r] is None:
                 continue
-            rows[r]["steps"] += 1
+            rows[r]["k_steps"][k] = rows[r]["k_steps"].get(k, 0) + 1
             rows[r]["drafted"] += k
             rows[r]["accepted"] += n_r
             accepted.append(n_r)
             add(r, out_r[: n_r + 1], [True] * n_r + [False])
         if policy:
-            policy.observe(k, accepted, time.perf_counter() - t0)
+            policy.observe(k, accepted)
         refill()
     return sorted(results, key=lambda result: result["index"])
 

@@ -1,7 +1,8 @@
 """Generates text from a converted checkpoint: autoregressive, self-speculative or early-exit.
 
     python generate.py --checkpoint_path DIR/model.pth --prompt "def fib(n):" --compile
-    python generate.py ... --draft_layers 8 --speculate_k 6     # LayerSkip self-speculation
+    python generate.py ... --draft_layers 8                     # LayerSkip self-speculation, k auto
+    python generate.py ... --draft_layers 8 --speculate_k 6     # ... with k fixed
     python generate.py ... --prompts_file prompts.jsonl --batch_size 8 --output out.jsonl
 
 Loading is lazy (meta device, memory-mapped weights assigned in place), the KV cache is static,
@@ -25,7 +26,7 @@ import torch
 
 from common import DTYPES, check_exit_layer, decode_one_token, fail, generate_batch, prefill, weight_bytes
 from model import Transformer, load_model
-from self_spec import speculative_step
+from self_spec import AUTO_K, AdaptiveK, measure_step_seconds, speculative_step, speculative_steps
 from tokenizer import load_tokenizer
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "demo" / "model.pth"
@@ -149,7 +150,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="compile the decode step")
     p.add_argument("--compile_prefill", action="store_true", help="compile the prefill too")
     p.add_argument("--draft_layers", type=int, help="self-speculation: draft with layers [0, E)")
-    p.add_argument("--speculate_k", type=int, default=6, help="tokens drafted per step")
+    p.add_argument("--speculate_k", type=speculate_k, default="auto",
+                   help="tokens drafted per step, or auto: chosen before each step from "
+                        f"{', '.join(map(str, AUTO_K[1:]))} (or an autoregressive step) by measured cost and acceptance")
     p.add_argument("--early_exit", type=int, help="generate with layers [0, E) alone (lossy)")
     p.add_argument("--show_drafts", action="store_true", help="colour accepted drafts in a terminal")
     p.add_argument("--json", action="store_true", help="last stdout line: JSON with every sample")
@@ -164,7 +167,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         (args.max_new_tokens < 1, "--max_new_tokens must be at least 1"),
         (args.temperature < 0, "--temperature must be 0 (greedy) or positive"),
         (args.top_k is not None and args.top_k < 1, "--top_k must be at least 1"),
-        (args.speculate_k < 1, "--speculate_k must be at least 1"),
         (args.threads is not None and args.threads < 1, "--threads must be at least 1"),
         (args.draft_layers is not None and args.early_exit is not None, "--draft_layers and --early_exit exclude each other"),
         (args.interactive and args.prompts_file is not None, "--interactive and --prompts_file exclude each other"),
@@ -180,8 +182,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def speculate_k(text: str):
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--speculate_k must be a positive integer or auto, got {text!r}")
+    return int(text)
+
+
 def decoding_functions(args: argparse.Namespace) -> tuple[Callable, dict[int, Callable]]:
-    """The prefill and the step of this run, compiled if asked, with their sampling settings bound."""
+    """The prefill and the steps of this run ({k: step}; 0 is autoregressive; several with
+    --speculate_k auto), compiled if asked, with their sampling settings bound."""
     sampling = dict(temperature=args.temperature, top_k=args.top_k)
     prefill_fn, decode_fn, step_fn = prefill, decode_one_token, speculative_step
     if args.compile:
@@ -196,7 +207,8 @@ def decoding_functions(args: argparse.Namespace) -> tuple[Callable, dict[int, Ca
             prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
     early_exit = args.early_exit is not None
     if args.draft_layers is not None:
-        steps = {args.speculate_k: partial(step_fn, k=args.speculate_k, **sampling)}
+        ks = AUTO_K if args.speculate_k == "auto" else (args.speculate_k,)
+        steps = speculative_steps(ks, args.temperature, args.top_k, step_fn, decode_fn)
     else:
         steps = {0: partial(decode_fn, early_exit=early_exit, **sampling)}
     return partial(prefill_fn, early_exit=early_exit, **sampling), steps
@@ -216,6 +228,18 @@ def warm_up(model: Transformer, prefill_fn: Callable, steps: dict[int, Callable]
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def prepare_run(args: argparse.Namespace, model: Transformer, prefill_fn: Callable, steps: dict[int, Callable],
+                length: int, exit_layer: Optional[int]) -> Optional[AdaptiveK]:
+    """Caches for batch_size rows of `length` positions; with --compile every step compiled before
+    anything is timed; with several steps to choose from (--speculate_k auto), the policy that
+    chooses, starting from what each step measures here."""
+    with torch.device(args.device):
+        model.setup_caches(args.batch_size, length, exit_layer)
+    if args.compile:
+        print(f"compilation (not timed): {warm_up(model, prefill_fn, steps, args.batch_size):.1f} s", file=sys.stderr)
+    return AdaptiveK(measure_step_seconds(model, steps, args.batch_size)) if len(steps) > 1 else None
 
 
 def cache_length(prompt_lengths: list[int], max_new_tokens: int, context: int, slack: int) -> int:
@@ -249,14 +273,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                            batch_size=args.batch_size)
     info = {"checkpoint": str(args.checkpoint_path), "device": args.device,
             "dtype": str(args.dtype).removeprefix("torch."), "compile": args.compile,
-            "draft_layers": args.draft_layers, "speculate_k": max(steps) or None, "early_exit": args.early_exit,
+            "draft_layers": args.draft_layers, "speculate_k": args.speculate_k if args.draft_layers else None,
+            "early_exit": args.early_exit,
             "batch_size": args.batch_size, "weight_bytes": weight_bytes(model)}
     if entries is not None:
-        run_prompts_file(args, model, tokenizer, entries, generate_run, prefill_fn, steps, info)
+        run_prompts_file(args, model, tokenizer, entries, generate_run, prefill_fn, steps, exit_layer, info)
         return
 
-    results, allocated = [], 0
-    compiled = not args.compile
+    results, allocated, policy = [], 0, None
     for prompt_text in read_prompts() if args.interactive else [args.prompt]:
         prompt_tokens = tokenizer.encode(prompt_text, bos=True)
         if len(prompt_tokens) >= context:
@@ -264,12 +288,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         needed = cache_length([len(prompt_tokens)], args.max_new_tokens, context, slack)
         if needed > allocated:  # grows for a longer prompt (and recompiles); kept otherwise
             allocated = needed
-            with torch.device(args.device):
-                model.setup_caches(args.batch_size, allocated, exit_layer)
-            compiled = not args.compile
-        if not compiled:
-            print(f"compilation (not timed): {warm_up(model, prefill_fn, steps, args.batch_size):.1f} s", file=sys.stderr)
-            compiled = True
+            policy = prepare_run(args, model, prefill_fn, steps, allocated, exit_layer)
         for _ in range(args.num_samples):
             stream = None
             if args.batch_size == 1:
@@ -277,7 +296,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 stream = TextStream(tokenizer, prompt_tokens, show_drafts=args.show_drafts)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                samples = generate_run([prompt_tokens] * args.batch_size, args.max_new_tokens, on_tokens=stream)
+                samples = generate_run([prompt_tokens] * args.batch_size, args.max_new_tokens, on_tokens=stream,
+                                       policy=policy)
             seconds = time.perf_counter() - t0
             for sample in samples:
                 sample.pop("index")
@@ -303,11 +323,19 @@ def report(samples: list[dict], seconds: float, bytes_per_token: int, device: st
         acceptance = sum(s["acceptance_rate"] for s in drafted) / len(drafted)
         per_step = sum(s["tokens_per_step"] for s in drafted) / len(drafted)
         line += f", acceptance {acceptance:.1%}, {per_step:.2f} tokens/step"
+        k_steps = {}
+        for s in drafted:
+            for k, n in s["k_steps"].items():
+                k_steps[k] = k_steps.get(k, 0) + n
+        if len(k_steps) > 1:  # --speculate_k auto: how often each k (0: autoregressive) was chosen
+            line += ", steps by k: " + " ".join(f"{k}:{n}" for k, n in sorted(k_steps.items()))
+            line += f" ({k_steps.get(0, 0) / sum(k_steps.values()):.0%} autoregressive)"
     print(line + f", peak memory {peak_memory_gb(device):.2f} GB", flush=True)
 
 
 def run_prompts_file(args: argparse.Namespace, model: Transformer, tokenizer, entries: list[dict],
-                     generate_run: Callable, prefill_fn: Callable, steps: dict[int, Callable], info: dict) -> None:
+                     generate_run: Callable, prefill_fn: Callable, steps: dict[int, Callable],
+                     exit_layer: Optional[int], info: dict) -> None:
     """Every prompt of the file, batch_size at a time; each finished prompt is appended to --output
     (or printed as a JSON line) at once, so an interrupted run keeps what it finished."""
     from tqdm import tqdm
@@ -345,11 +373,8 @@ def run_prompts_file(args: argparse.Namespace, model: Transformer, tokenizer, en
         print(f"resuming: {len(done)} of {len(entries)} prompts already in {args.output}", file=sys.stderr)
     results = []
     if todo:
-        with torch.device(args.device):
-            model.setup_caches(args.batch_size, cache_length([len(encoded[i]) for i in todo], args.max_new_tokens,
-                                                             context, max(steps) + 1), info["draft_layers"] or info["early_exit"])
-        if args.compile:
-            print(f"compilation (not timed): {warm_up(model, prefill_fn, steps, args.batch_size):.1f} s", file=sys.stderr)
+        length = cache_length([len(encoded[i]) for i in todo], args.max_new_tokens, context, max(steps) + 1)
+        policy = prepare_run(args, model, prefill_fn, steps, length, exit_layer)
         bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr, dynamic_ncols=True)
         t0, generated = time.perf_counter(), 0
 
@@ -365,7 +390,7 @@ def run_prompts_file(args: argparse.Namespace, model: Transformer, tokenizer, en
 
         try:
             with torch.inference_mode():
-                generate_run([encoded[i] for i in todo], args.max_new_tokens, on_done=on_done)
+                generate_run([encoded[i] for i in todo], args.max_new_tokens, on_done=on_done, policy=policy)
         except KeyboardInterrupt:
             bar.close()
             where = f"in {args.output}; --resume continues" if args.output else "above"

@@ -6,15 +6,24 @@ exit cache, so no KV entry or early hidden state is computed twice. Acceptance i
 rejection sampling, which at temperature 0 (one-hot distributions) is exactly "longest prefix
 where the draft equals the full model's argmax". Position, count and tokens stay on the device:
 the step has no host sync and compiles to one graph; the loop reads back once per step.
+
+With k = "auto" the loop picks k before each step from a small set, each its own fixed-shape
+graph compiled once: the k with the most expected tokens per second under the acceptance rate
+seen lately and what a step at each k has been measured to cost on this device - or a plain
+autoregressive step when no k is expected to beat it, with a drafting step now and then to see
+whether the text has become easier. Each step is exact whatever its k, so the output is too.
 """
+import time
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
-from common import generate_batch, logits_to_probs, prefill, sample_from_probs
+from common import decode_one_token, generate_batch, logits_to_probs, prefill, sample_from_probs
 from model import Transformer
+
+AUTO_K = (0, 1, 2, 4, 6, 8)  # what "auto" chooses from; 0 is an autoregressive step
 
 
 def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, temperature: float,
@@ -56,18 +65,99 @@ def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, tem
     return out, n, next_token, pos + n + 1
 
 
-def speculative_generate(model: Transformer, prompt: Tensor, max_new_tokens: int, k: int, *,
+def speculative_steps(ks: tuple[int, ...], temperature: float, top_k: Optional[int],
+                      step_fn: Callable = speculative_step, decode_fn: Callable = decode_one_token) -> dict[int, Callable]:
+    """{k: step(model, token, pos)} with the sampling settings bound; k = 0 is an autoregressive step."""
+    return {k: partial(step_fn, k=k, temperature=temperature, top_k=top_k) if k
+            else partial(decode_fn, temperature=temperature, top_k=top_k) for k in ks}
+
+
+# --- choosing k ----------------------------------------------------------------------------------
+
+def expected_tokens(k: int, acceptance: float) -> float:
+    """Tokens a step with k drafts yields when each draft is right with probability `acceptance`
+    (until the first wrong one), plus the token from the full model: 1 + a + ... + a^k."""
+    return sum(acceptance ** i for i in range(k + 1))
+
+
+def best_k(acceptance: float, seconds: dict[int, float]) -> int:
+    """The k (0: autoregressive) with the most expected tokens per second, given a step's cost."""
+    return max(seconds, key=lambda k: expected_tokens(k, acceptance) / seconds[k])
+
+
+def measure_step_seconds(model: Transformer, steps: dict[int, Callable], batch_size: int, repeats: int = 7) -> dict[int, float]:
+    """Seconds of one step at each k on this model, device and batch size: the median of a few
+    timed passes on placeholder tokens, each ending with the read back a real step ends with, in
+    rounds over every k so that a burst of load elsewhere hits them alike. The caches must be set
+    up; what the passes write is overwritten later."""
+    device = model.tok_embeddings.weight.device
+    times = {k: [] for k in steps}
+    with torch.inference_mode():  # inference tensors, as in the loop: others would not match the compiled guards
+        token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        for round_ in range(repeats + 1):  # the first round is not timed: first calls pay one-off costs
+            for k, step in steps.items():
+                t0 = time.perf_counter()
+                step(model, token, pos)[1].tolist()
+                if round_:
+                    times[k].append(time.perf_counter() - t0)
+    return {k: sorted(t)[repeats // 2] for k, t in times.items()}
+
+
+class AdaptiveK:
+    """Picks each step's k: `choose()` before the step, `observe()` after it.
+
+    The acceptance rate is the share of drafts accepted among the drafts the full model judged
+    (each row's accepted drafts, plus its first wrong one), counted with geometrically fading
+    weights so that it follows the text. Step costs are measure_step_seconds': with a static cache
+    a step costs the same at every position, so they hold for the whole run. When an
+    autoregressive step wins, no draft is judged and the estimate
+    cannot move, so every `wait` such steps a draft of the smallest k probes the text again; a
+    probe that does not bring drafting back doubles the wait (up to `max_wait`).
+    """
+
+    def __init__(self, seconds: dict[int, float], prior: float = 0.5, memory: float = 0.8,
+                 first_wait: int = 4, max_wait: int = 64):
+        self.seconds = dict(seconds)
+        self.hits, self.misses = prior, 1 - prior  # one judged draft's worth of prior belief
+        self.memory, self.first_wait, self.max_wait = memory, first_wait, max_wait
+        self.wait, self.waited = first_wait, 0
+
+    def acceptance(self) -> float:
+        return self.hits / (self.hits + self.misses)
+
+    def choose(self) -> int:
+        k = best_k(self.acceptance(), self.seconds)
+        if k == 0 and self.waited >= self.wait:
+            return min(k for k in self.seconds if k > 0)
+        return k
+
+    def observe(self, k: int, accepted: list[int]) -> None:
+        """accepted: each active row's accepted drafts in the step just taken with k."""
+        if k == 0:
+            self.waited += 1
+            return
+        self.hits = self.memory * self.hits + sum(accepted)
+        self.misses = self.memory * self.misses + sum(n < k for n in accepted)
+        if self.waited:  # that was a probe: drafting resumes, or AR waits longer before the next
+            self.wait = self.first_wait if best_k(self.acceptance(), self.seconds) else min(2 * self.wait, self.max_wait)
+        self.waited = 0
+
+
+def speculative_generate(model: Transformer, prompt: Tensor, max_new_tokens: int, k: Union[int, str], *,
                          temperature: float, top_k: Optional[int], eos_id: int,
                          prefill_fn: Callable = prefill, step_fn: Callable = speculative_step,
                          on_tokens: Optional[Callable[[int, list[int], list[bool]], None]] = None
                          ) -> tuple[list[int], dict]:
-    """One prompt: prefill with the full model, then steps until EOS (kept) or max_new_tokens.
+    """One prompt: prefill with the full model, then steps until EOS (kept) or max_new_tokens;
+    k drafts per step, or "auto" (AdaptiveK over AUTO_K, costs measured here).
 
-    The model's caches must be set up with the exit layer and k + 1 positions of slack.
-    Returns the tokens and {"acceptance_rate", "tokens_per_step"}.
+    The model's caches must be set up with the exit layer and max(k) + 1 positions of slack.
+    Returns the tokens and {"acceptance_rate", "tokens_per_step", "k_steps"}.
     """
+    steps = speculative_steps(AUTO_K if k == "auto" else (k,), temperature, top_k, step_fn)
+    policy = AdaptiveK(measure_step_seconds(model, steps, 1)) if k == "auto" else None
     result = generate_batch(
-        model, [prompt.tolist()], max_new_tokens, eos_id=eos_id, on_tokens=on_tokens,
-        prefill_fn=partial(prefill_fn, temperature=temperature, top_k=top_k),
-        steps={k: partial(step_fn, k=k, temperature=temperature, top_k=top_k)})[0]
-    return result["generated_tokens"], {key: result[key] for key in ("acceptance_rate", "tokens_per_step")}
+        model, [prompt.tolist()], max_new_tokens, eos_id=eos_id, on_tokens=on_tokens, policy=policy,
+        prefill_fn=partial(prefill_fn, temperature=temperature, top_k=top_k), steps=steps)[0]
+    return result["generated_tokens"], {key: result[key] for key in ("acceptance_rate", "tokens_per_step", "k_steps")}

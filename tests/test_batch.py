@@ -10,18 +10,22 @@ import torch
 from common import decode_one_token, generate, generate_batch, logits_to_probs, prefill
 from conftest import N_LAYER
 from model import ModelArgs, Transformer, load_model
-from self_spec import speculative_generate, speculative_step
+from self_spec import AUTO_K, AdaptiveK, measure_step_seconds, speculative_generate, speculative_steps
 
 
 def run_batch(model, prompts, max_new, batch_size, exit_layer=None, k=0, eos_id=-1, temperature=0.0,
-              top_k=None, early_exit=False):
-    """generate_batch with caches for these prompts; returns each prompt's tokens (and the results)."""
-    model.setup_caches(batch_size, max(map(len, prompts)) + max_new + k + 1, exit_layer)
+              top_k=None, early_exit=False, ks=None, policy=None):
+    """generate_batch with caches for these prompts; returns each prompt's tokens (and the results).
+    One step with k drafts (0: autoregressive, or early-exit only), or several (ks) and a policy."""
+    ks = ks or (k,)
+    model.setup_caches(batch_size, max(map(len, prompts)) + max_new + max(ks) + 1, exit_layer)
     sampling = dict(temperature=temperature, top_k=top_k)
-    step = partial(speculative_step, k=k, **sampling) if k else partial(decode_one_token, early_exit=early_exit, **sampling)
+    steps = speculative_steps(ks, **sampling)
+    if early_exit:
+        steps = {0: partial(decode_one_token, early_exit=True, **sampling)}
     with torch.inference_mode():
         results = generate_batch(model, prompts, max_new, prefill_fn=partial(prefill, early_exit=early_exit, **sampling),
-                                 steps={k: step}, eos_id=eos_id, batch_size=batch_size)
+                                 steps=steps, eos_id=eos_id, batch_size=batch_size, policy=policy)
     return [r["generated_tokens"] for r in results], results
 
 
@@ -121,29 +125,49 @@ def tv(a: torch.Tensor, b: torch.Tensor) -> float:
     return 0.5 * (a - b).abs().sum().item()
 
 
+class Cycle:
+    """A policy that switches k at every step, autoregressive steps included."""
+
+    def __init__(self, ks: list[int]):
+        self.ks, self.i = ks, -1
+
+    def choose(self) -> int:
+        self.i += 1
+        return self.ks[self.i % len(self.ks)]
+
+    def observe(self, k: int, accepted: list[int]) -> None:
+        pass
+
+
 def test_batched_sampling_has_the_full_model_distribution_over_several_steps():
     """k in {1, 3}: the k drafts of the first step, the token after them (from p after k
     acceptances - the "bonus" token - or from max(p - q, 0) after a rejection) and the first
-    tokens of the second step, for two prompts in alternating rows of one batch with refills.
+    tokens of the second step, for two prompts in alternating rows of one batch with refills;
+    then k switching from step to step (1, 3, autoregressive, ...) and --speculate_k auto.
 
     Resolution (Bretagnolle-Huber-Carol): P(TV(empirical, exact) >= eps) <= 2^m exp(-2 N eps^2)
     over m cells. With N = 10,000 samples per prompt and a budget of 1e-3 for a false alarm split
-    over the checks, eps is 0.027 for a token (m = 6) and 0.046 for a pair (m = 36): the test
+    over the checks, eps is 0.028 for a token (m = 6) and 0.047 for a pair (m = 36): the test
     detects any sampler whose distribution of some checked token (pair) is that far off. Drawing
     the bonus token from max(p - q, 0) instead of p is 0.24 to 0.39 off at that token on this
     model, and plain early-exit sampling 0.2 off at the first token (asserted below).
     """
     model = damped_model()
-    checks = sum(2 * (2 * (k + 3) - 1) for k in (1, 3)) + 2 * (2 * 3 - 1)
+    # (steps to choose from, policy, tokens checked): the token after the first step and the first
+    # of the second are always among them
+    cases = {"k=1": ((1,), None, 4), "k=3": ((3,), None, 6), "k=1,3,AR,...": ((0, 1, 3), Cycle([1, 3, 0]), 6)}
+    model.setup_caches(ROWS, 16, EXIT)
+    auto_costs = measure_step_seconds(model, speculative_steps(AUTO_K, TEMPERATURE, TOP_K), ROWS, repeats=1)
+    cases["auto"] = (AUTO_K, AdaptiveK(auto_costs), 6)
+    checks = 2 * sum(2 * depth - 1 for _, _, depth in cases.values()) + 2 * (2 * 3 - 1)
     delta = 1e-3 / checks
     eps = {m: math.sqrt((m * math.log(2) + math.log(1 / delta)) / (2 * ROWS)) for m in (VOCAB, VOCAB ** 2)}
     assert eps[VOCAB] < 0.03 and eps[VOCAB ** 2] < 0.05  # the resolution the docstring states
 
-    def far_off(k: int, early_exit: bool = False) -> list[str]:
+    def far_off(ks, policy, depth: int, early_exit: bool = False) -> list[str]:
         """The checked tokens and pairs whose sampled distribution is not within eps of exact."""
-        depth = k + 3  # prefill token, k drafts, the token after them, the second step's first
-        torch.manual_seed(k)
-        _, results = run_batch(model, PROMPTS * ROWS, depth, batch_size=ROWS, exit_layer=EXIT, k=k,
+        torch.manual_seed(depth)
+        _, results = run_batch(model, PROMPTS * ROWS, depth, batch_size=ROWS, exit_layer=EXIT, ks=ks, policy=policy,
                                temperature=TEMPERATURE, top_k=TOP_K, early_exit=early_exit)
         off = []
         for p, prompt in enumerate(PROMPTS):
@@ -155,7 +179,7 @@ def test_batched_sampling_has_the_full_model_distribution_over_several_steps():
                     if tv(a, b) >= eps[VOCAB ** 2]]
         return off
 
-    for k in (1, 3):
-        assert far_off(k) == [], k
+    for name, (ks, policy, depth) in cases.items():
+        assert far_off(ks, policy, depth) == [], name
     # The same resolution rejects a sampler that is wrong: the drafts alone.
-    assert far_off(0, early_exit=True)
+    assert far_off((0,), None, 3, early_exit=True)

@@ -1,14 +1,15 @@
 """Self-speculative decoding returns exactly what the full model would, token for token under greedy
 decoding (the distribution under sampling: test_batch.py), and compiles to one graph."""
 import json
+from functools import partial
 
 import pytest
 import torch
 
-from common import generate
+from common import generate, generate_batch, prefill
 from conftest import N_LAYER
 from model import Transformer, load_model
-from self_spec import speculative_generate
+from self_spec import AUTO_K, AdaptiveK, best_k, speculative_generate, speculative_steps
 from test_generate import json_result, run_generate
 from tokenizer import load_tokenizer
 
@@ -16,7 +17,7 @@ MAX_NEW = 37  # a multiple of none of k + 1 = 2, 4, 9
 
 
 def greedy(model, prompt, exit_layer=None, k=0, eos_id=-1, max_new=MAX_NEW):
-    model.setup_caches(1, len(prompt) + max_new + k + 1, exit_layer)
+    model.setup_caches(1, len(prompt) + max_new + (max(AUTO_K) if k == "auto" else k) + 1, exit_layer)
     with torch.inference_mode():
         if k:
             return speculative_generate(model, prompt, max_new, k, temperature=0, top_k=None, eos_id=eos_id)
@@ -90,3 +91,74 @@ def test_compiled_steps_are_one_graph_and_exact(checkpoints, tmp_path):
     for p in (proc, spec):
         assert "compilation (not timed)" in p.stderr
         assert "recompil" not in p.stderr.lower(), p.stderr[-2000:]
+
+
+# --- --speculate_k auto ---------------------------------------------------------------------------
+
+COSTS = {0: 1.0, 1: 1.4, 2: 1.7, 4: 2.3, 6: 2.9, 8: 3.5}  # seconds of a step at each k (0: autoregressive)
+
+
+@pytest.mark.parametrize("acceptance, k", [
+    (0.0, 0), (0.39, 0),  # k = 1 breaks even at (1 + a) / 1.4 = 1, a = 0.4: below it no k pays
+    (0.41, 1), (0.5, 1),  # 1.5 / 1.4 = 1.07 tokens per unit, against 1.75 / 1.7 = 1.03 for k = 2
+    (0.9, 6),  # 5.22 / 2.9 = 1.80, against 4.10 / 2.3 = 1.78 (k = 4) and 6.13 / 3.5 = 1.75 (k = 8)
+    (1.0, 8),  # 9 / 3.5 = 2.57, against 7 / 2.9 = 2.41
+])
+def test_policy_picks_the_k_with_the_most_expected_tokens_per_second(acceptance, k):
+    assert best_k(acceptance, COSTS) == k
+
+
+def simulate(policy: AdaptiveK, accepted_of, steps: int) -> list[int]:
+    """The k of each step when a step with k drafts gets accepted_of(k) of them accepted."""
+    chosen = []
+    for _ in range(steps):
+        k = policy.choose()
+        chosen.append(k)
+        policy.observe(k, [accepted_of(k)] if k else [])
+    return chosen
+
+
+def test_adaptive_k_climbs_when_drafts_are_right_and_probes_ever_less_often_when_not():
+    chosen = simulate(AdaptiveK(COSTS), lambda k: k, 40)
+    assert chosen[-30:] == [8] * 30
+    chosen = simulate(AdaptiveK(COSTS), lambda k: 0, 200)
+    probes = [i for i, k in enumerate(chosen) if k]
+    assert chosen[probes[0] + 1:] .count(0) > 190 - len(probes) and set(chosen[probes[0] + 1:]) == {0, 1}
+    gaps = [b - a - 1 for a, b in zip(probes[1:], probes[2:])]  # autoregressive steps between probes
+    assert gaps[:4] == [8, 16, 32, 64] and set(gaps[4:]) == {64}
+    # the text turns easy again: the next probe is accepted and drafting takes over
+    policy = AdaptiveK(COSTS)
+    simulate(policy, lambda k: 0, 30)
+    assert simulate(policy, lambda k: k, 60)[-20:] == [8] * 20
+
+
+def auto_greedy(model, prompt, exit_layer, costs, max_new=60):
+    """Greedy generation with the adaptive policy, step costs given rather than measured (timings
+    on a shared machine jump; what is tested here is how it follows the model's real acceptance)."""
+    model.setup_caches(1, len(prompt) + max_new + max(AUTO_K) + 1, exit_layer)
+    with torch.inference_mode():
+        result = generate_batch(model, [prompt.tolist()], max_new, prefill_fn=partial(prefill, temperature=0, top_k=None),
+                                steps=speculative_steps(AUTO_K, 0, None), eos_id=-1, policy=AdaptiveK(costs))[0]
+    return result["generated_tokens"], result
+
+
+def test_auto_is_exact_and_follows_the_acceptance(checkpoints):
+    """Greedy output with auto equals AR: on a tiny checkpoint (costs measured on this machine),
+    on a model whose late layers are silenced (every draft right: the policy climbs to the largest
+    k) and on a random model (drafts almost never right: it falls back to autoregressive steps)."""
+    model = load_model(checkpoints("llama32")[0])
+    prompt = torch.tensor([1, 40, 41, 42, 43])
+    reference, _ = greedy(model, prompt, max_new=60)
+    assert greedy(model, prompt, 3, "auto", max_new=60)[0] == reference
+
+    silenced = late_layers_silenced(load_model(checkpoints("llama2")[0]), 2)
+    reference, _ = greedy(silenced, prompt, max_new=120)
+    tokens, stats = auto_greedy(silenced, prompt, 2, COSTS, max_new=120)
+    assert tokens == reference and stats["acceptance_rate"] == 1.0
+    assert stats["k_steps"][max(AUTO_K)] >= 0.7 * sum(stats["k_steps"].values()), stats["k_steps"]
+
+    random_model = load_model(checkpoints("llama2")[0])  # random weights: layer 1 rarely guesses right
+    reference, _ = greedy(random_model, prompt, max_new=60)
+    tokens, stats = auto_greedy(random_model, prompt, 1, COSTS)
+    assert tokens == reference and stats["acceptance_rate"] < 0.1
+    assert stats["k_steps"][0] >= 0.7 * sum(stats["k_steps"].values()) and stats["k_steps"][1] >= 2, stats["k_steps"]
