@@ -145,7 +145,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=200)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--dtype", choices=list(DTYPES),
+                   help="activations: default float32 on CPU (bfloat16 for a quantized file), bfloat16 on CUDA")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); default: torch's")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
     p.add_argument("--compile_prefill", action="store_true", help="compile the prefill too")
@@ -178,7 +179,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             fail(message)
     if args.prompts_file is not None and not args.prompts_file.is_file():
         fail(f"prompts file not found: {args.prompts_file}")
-    args.dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
+    args.dtype = DTYPES[args.dtype] if args.dtype else None  # None: load_model's default for the file
     return args
 
 
@@ -272,7 +273,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     generate_run = partial(generate_batch, model, prefill_fn=prefill_fn, steps=steps, eos_id=tokenizer.eos_id,
                            batch_size=args.batch_size)
     info = {"checkpoint": str(args.checkpoint_path), "device": args.device,
-            "dtype": str(args.dtype).removeprefix("torch."), "compile": args.compile,
+            "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "compile": args.compile,
             "draft_layers": args.draft_layers, "speculate_k": args.speculate_k if args.draft_layers else None,
             "early_exit": args.early_exit,
             "batch_size": args.batch_size, "weight_bytes": weight_bytes(model)}

@@ -4,6 +4,10 @@ Besides the usual full forward, the model splits at an exit layer E into two par
 `early` (layers [0, E), which also records the hidden state at E in the exit cache) and `late`
 (layers [E, L)). Self-speculative decoding drafts with `head(early(...))` and verifies with
 `head(late(exit_cache[...]))`, so every KV entry and every early hidden state is computed once.
+
+Linear layers can also be weight-only quantized (quantize.py writes such files): int8 with one
+scale per output channel, or int4 in groups of input columns. The file holds plain codes; they
+are packed for this device's kernel when the model is loaded.
 """
 import json
 import math
@@ -123,7 +127,7 @@ class Transformer(nn.Module):
         `length` may exceed the model's context by the slack self-speculation needs: positions
         past the context are written by rejected drafts only, never emitted.
         """
-        weight = self.output.weight
+        weight = self.tok_embeddings.weight  # its dtype and device are the activations'
         self.cache_length = length
         self.exit_layer = self.args.n_layer if exit_layer is None else exit_layer
         for layer in self.layers:
@@ -230,6 +234,75 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+# --- weight-only quantized linear layers ----------------------------------------------------------
+
+QUANTIZATION_VERSION = 1  # of the quantized file format; load_model refuses any other
+
+
+class Int8Linear(nn.Module):
+    """A linear layer stored as int8 codes with one scale per output channel: W = codes * scales."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("codes", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features))  # cast with the model to the activation dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and self.in_features % 16 == 0:
+            # The CPU kernel reads the int8 weight once (no float copy of it). It needs rows of a
+            # multiple of 16 (it crashes on others) and, in bfloat16, 32-byte aligned input rows,
+            # which a fresh copy has and a view into a larger buffer may not.
+            rows = x.reshape(-1, self.in_features).clone()
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.codes, self.scales)
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.codes.to(x.dtype)) * self.scales
+
+
+class Int4Linear(nn.Module):
+    """A linear layer stored as 4-bit codes q in groups of `groupsize` input columns, each group of
+    each row with its own scale and zero: W = (q - 8) * scale + zero. The file holds plain nibbles,
+    two per byte (the even column in the high one); pack() turns them into this device's layout."""
+
+    def __init__(self, in_features: int, out_features: int, groupsize: int):
+        super().__init__()
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        self.register_buffer("codes", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2))
+
+    def pack(self) -> None:
+        """Once, after the model is on its device and in its dtype: the kernels' own weight layout,
+        with the rows padded to the multiple they need (16 on CPU, 8 on CUDA)."""
+        codes, on_cpu = self.codes, self.codes.device.type == "cpu"
+        pad = -self.out_features % (16 if on_cpu else 8)
+        codes = F.pad(codes, (0, 0, 0, pad))
+        self.scales_and_zeros = F.pad(self.scales_and_zeros, (0, 0, 0, pad)).contiguous()  # zero rows: W = 0
+        if on_cpu:
+            nibbles = torch.stack([codes >> 4, codes & 15], dim=-1).view(codes.shape[0], -1)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles.to(torch.int32), 8)
+        else:
+            inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
+            packed = torch.ops.aten._convert_weight_to_int4pack(codes.contiguous(), inner_k_tiles)
+        del self.codes
+        self.register_buffer("packed", packed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features).contiguous()
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu if x.device.type == "cpu" else torch.ops.aten._weight_int4pack_mm
+        out = mm(rows, self.packed, self.groupsize, self.scales_and_zeros)
+        return out[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+
+
+def quantized_layers(model: nn.Module, state: dict, quantization: dict) -> None:
+    """Replaces each linear layer whose weight `state` holds as codes by its quantized kind."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and f"{name}.codes" in state:
+            parent, _, child = name.rpartition(".")
+            layer = (Int8Linear(module.in_features, module.out_features) if quantization["mode"] == "int8"
+                     else Int4Linear(module.in_features, module.out_features, quantization["groupsize"]))
+            setattr(model.get_submodule(parent), child, layer)
+
+
 def rope_frequencies(args: ModelArgs) -> Tensor:
     """Inverse frequencies, with Llama 3.x's rescaling of the long wavelengths when configured."""
     inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
@@ -263,10 +336,13 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def load_model(checkpoint_path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+def load_model(checkpoint_path: Path, device: str = "cpu", dtype: Optional[torch.dtype] = torch.float32) -> Transformer:
     """Builds the model on the meta device and assigns the memory-mapped weights to it.
 
-    `model_config.json` sits beside the checkpoint. Raises ValueError / FileNotFoundError with a
+    `model_config.json` sits beside the checkpoint, which may be quantized (quantize.py): its
+    layers are then packed for `device`, with `dtype` as the activations' dtype. dtype None is
+    bfloat16 on CUDA; on a CPU float32, but bfloat16 for a quantized file, whose CPU kernels are
+    several times slower with float32 activations. Raises ValueError / FileNotFoundError with a
     message fit for one line on stderr.
     """
     checkpoint_path = Path(checkpoint_path)
@@ -279,13 +355,32 @@ def load_model(checkpoint_path: Path, device: str = "cpu", dtype: torch.dtype = 
         state = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
     except Exception as e:  # a truncated or foreign file: torch raises many kinds of error
         raise ValueError(f"cannot read checkpoint {checkpoint_path}: {str(e).splitlines()[0]}") from None
-    if args.tie_embeddings and "tok_embeddings.weight" in state:  # stored once; tie for a strict load
+    quantization = state.pop("quantization", None)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") or quantization is not None else torch.float32
+    if quantization is not None:
+        if not isinstance(quantization, dict) or quantization.get("version") != QUANTIZATION_VERSION:
+            found = quantization.get("version") if isinstance(quantization, dict) else quantization
+            raise ValueError(f"{checkpoint_path}: quantized file format {found!r} is not the one this engine reads "
+                             f"({QUANTIZATION_VERSION}): quantize the checkpoint again")
+        if quantization["mode"] == "int4" and device.startswith("cuda") and dtype != torch.bfloat16:
+            raise ValueError(f"int4 on CUDA runs with bfloat16 activations only, not {str(dtype).removeprefix('torch.')}")
+        with torch.device("meta"):
+            quantized_layers(model, state, quantization)
+    elif any(name.endswith(".codes") for name in state):
+        raise ValueError(f"{checkpoint_path} holds quantized weights but no quantization metadata")
+    tied = args.tie_embeddings and isinstance(model.output, nn.Linear)  # a quantized head is its own copy
+    if tied and "tok_embeddings.weight" in state:  # stored once; tie for a strict load
         state["output.weight"] = state["tok_embeddings.weight"]
     try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as e:
         detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
         raise ValueError(f"checkpoint {checkpoint_path} does not match model_config.json: {detail}") from None
-    if args.tie_embeddings:
+    if tied:
         model.output.weight = model.tok_embeddings.weight
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.pack()
+    return model

@@ -518,7 +518,7 @@ def eval_only(args) -> None:
         tokenizer = load_tokenizer(path.parent / "tokenizer.model")  # each model with its own tokenizer
         model.setup_rope(min(args.seq_len, model.args.max_seq_length))
         windows = eval_windows(encode(tokenizer, val_texts), min(args.seq_len, model.args.max_seq_length), args.eval_tokens)
-        name = path.parent.name or str(path)
+        name = path.parent.name if path.name == "model.pth" else f"{path.parent.name}/{path.stem}"  # DIR/model_int8
         results[name if name not in results else str(path)] = evaluate_layers(model, windows, device=args.device)
     first = Path(args.checkpoint_path[0])
     report(results, Path(args.plot) if args.plot else first.parent / "layer_eval.png")
