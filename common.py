@@ -7,6 +7,7 @@ own count; the host reads the step's results back once for the whole batch. A ro
 (EOS or its token budget) is refilled with the next prompt, prefilled into that row of the caches
 while the other rows keep their place, so a long prompt never holds the batch hostage.
 """
+import json
 import os
 import shutil
 import sys
@@ -68,6 +69,41 @@ def weight_bytes(model: Transformer) -> int:
     quantized = sum(b.nbytes for name, b in model.named_buffers()
                     if name.rpartition(".")[2] in ("codes", "scales", "packed", "scales_and_zeros"))
     return parameters + quantized
+
+
+def completion_text(tokenizer, prompt_tokens: list[int], tokens: list[int]) -> str:
+    """The generated text, decoded with its prompt so that the first word keeps its space."""
+    return tokenizer.decode(prompt_tokens + tokens)[len(tokenizer.decode(prompt_tokens)):]
+
+
+def read_prompts_file(path: Path) -> list[dict]:
+    """JSONL with a "prompt" field per line (other fields are kept), or plain text with one prompt
+    per line; blank lines are skipped. Raises ValueError naming the line that is wrong."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read prompts file {path}: {e}") from None
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    if not numbered:
+        raise ValueError(f"prompts file {path} has no prompts")
+    if not numbered[0][1].lstrip().startswith("{"):
+        return [{"prompt": line} for _, line in numbered]
+    entries = []
+    for number, line in numbered:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {number}: not JSON ({e.msg})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+            raise ValueError(f'{path}, line {number}: a JSON object with a "prompt" string is needed')
+        entries.append(entry)
+    return entries
+
+
+def cache_length(prompt_lengths: list[int], max_new_tokens: int, context: int, slack: int) -> int:
+    """Positions the caches need: the longest prompt + its tokens, within the context, + the slack
+    a self-speculative step may write past the final token (k + 1)."""
+    return max(min(n + max_new_tokens, context) for n in prompt_lengths) + slack
 
 
 # --- sampling ------------------------------------------------------------------------------------

@@ -24,9 +24,10 @@ from typing import Callable, Optional
 
 import torch
 
-from common import DTYPES, check_exit_layer, decode_one_token, fail, generate_batch, prefill, weight_bytes
+from common import (DTYPES, cache_length, check_exit_layer, completion_text, fail, generate_batch, read_prompts_file,
+                    weight_bytes)
 from model import Transformer, load_model
-from self_spec import AUTO_K, AdaptiveK, measure_step_seconds, speculative_step, speculative_steps
+from self_spec import AUTO_K, AdaptiveK, decoding_functions, measure_step_seconds, parse_speculate_k, warm_up
 from tokenizer import load_tokenizer
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "demo" / "model.pth"
@@ -55,11 +56,6 @@ class TextStream:
             print(piece, end="", flush=True)
 
 
-def completion_text(tokenizer, prompt_tokens: list[int], tokens: list[int]) -> str:
-    """The generated text, decoded with its prompt so that the first word keeps its space."""
-    return tokenizer.decode(prompt_tokens + tokens)[len(tokenizer.decode(prompt_tokens)):]
-
-
 def peak_memory_gb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 1e9
@@ -77,30 +73,6 @@ def read_prompts():
             print()  # end the prompt's line: a --json object must stand on a line of its own
             return
         yield line
-
-
-def read_prompts_file(path: Path) -> list[dict]:
-    """JSONL with a "prompt" field per line (other fields are kept), or plain text with one prompt
-    per line; blank lines are skipped. Raises ValueError naming the line that is wrong."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read prompts file {path}: {e}") from None
-    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
-    if not numbered:
-        raise ValueError(f"prompts file {path} has no prompts")
-    if not numbered[0][1].lstrip().startswith("{"):
-        return [{"prompt": line} for _, line in numbered]
-    entries = []
-    for number, line in numbered:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {number}: not JSON ({e.msg})") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-            raise ValueError(f'{path}, line {number}: a JSON object with a "prompt" string is needed')
-        entries.append(entry)
-    return entries
 
 
 def read_finished(output: Path, settings: dict, entries: list[dict]) -> set[int]:
@@ -151,7 +123,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="compile the decode step")
     p.add_argument("--compile_prefill", action="store_true", help="compile the prefill too")
     p.add_argument("--draft_layers", type=int, help="self-speculation: draft with layers [0, E)")
-    p.add_argument("--speculate_k", type=speculate_k, default="auto",
+    p.add_argument("--speculate_k", type=parse_speculate_k, default="auto",
                    help="tokens drafted per step, or auto: chosen before each step from "
                         f"{', '.join(map(str, AUTO_K[1:]))} (or an autoregressive step) by measured cost and acceptance")
     p.add_argument("--early_exit", type=int, help="generate with layers [0, E) alone (lossy)")
@@ -183,54 +155,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def speculate_k(text: str):
-    if text == "auto":
-        return text
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"--speculate_k must be a positive integer or auto, got {text!r}")
-    return int(text)
-
-
-def decoding_functions(args: argparse.Namespace) -> tuple[Callable, dict[int, Callable]]:
-    """The prefill and the steps of this run ({k: step}; 0 is autoregressive; several with
-    --speculate_k auto), compiled if asked, with their sampling settings bound."""
-    sampling = dict(temperature=args.temperature, top_k=args.top_k)
-    prefill_fn, decode_fn, step_fn = prefill, decode_one_token, speculative_step
-    if args.compile:
-        on_cuda = args.device.startswith("cuda")
-        if on_cuda:
-            torch._inductor.config.coordinate_descent_tuning = True
-            torch._inductor.config.triton.unique_kernel_names = True
-        mode = "reduce-overhead" if on_cuda else "default"
-        decode_fn = torch.compile(decode_one_token, mode=mode, fullgraph=True)
-        step_fn = torch.compile(speculative_step, mode=mode, fullgraph=True)
-        if args.compile_prefill:
-            prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
-    early_exit = args.early_exit is not None
-    if args.draft_layers is not None:
-        ks = AUTO_K if args.speculate_k == "auto" else (args.speculate_k,)
-        steps = speculative_steps(ks, args.temperature, args.top_k, step_fn, decode_fn)
-    else:
-        steps = {0: partial(decode_fn, early_exit=early_exit, **sampling)}
-    return partial(prefill_fn, early_exit=early_exit, **sampling), steps
-
-
-def warm_up(model: Transformer, prefill_fn: Callable, steps: dict[int, Callable], batch_size: int) -> float:
-    """Compiles every step for this batch size before anything is timed: each runs once on
-    placeholder tokens at position 0 (the prefill that follows overwrites what they wrote)."""
-    device = model.tok_embeddings.weight.device
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        prefill_fn(model, torch.zeros(1, 2, dtype=torch.long, device=device), torch.tensor([2], device=device),
-                   torch.tensor([0], device=device))
-        for step in steps.values():
-            token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-            step(model, token, torch.zeros(batch_size, dtype=torch.long, device=device))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def prepare_run(args: argparse.Namespace, model: Transformer, prefill_fn: Callable, steps: dict[int, Callable],
                 length: int, exit_layer: Optional[int]) -> Optional[AdaptiveK]:
     """Caches for batch_size rows of `length` positions; with --compile every step compiled before
@@ -241,12 +165,6 @@ def prepare_run(args: argparse.Namespace, model: Transformer, prefill_fn: Callab
     if args.compile:
         print(f"compilation (not timed): {warm_up(model, prefill_fn, steps, args.batch_size):.1f} s", file=sys.stderr)
     return AdaptiveK(measure_step_seconds(model, steps, args.batch_size)) if len(steps) > 1 else None
-
-
-def cache_length(prompt_lengths: list[int], max_new_tokens: int, context: int, slack: int) -> int:
-    """Positions the caches need: the longest prompt + its tokens, within the context, + the slack
-    a self-speculative step may write past the final token (k + 1)."""
-    return max(min(n + max_new_tokens, context) for n in prompt_lengths) + slack
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -267,7 +185,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         fail(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")
 
     torch.manual_seed(args.seed)
-    prefill_fn, steps = decoding_functions(args)
+    prefill_fn, steps = decoding_functions(args.temperature, args.top_k, args.speculate_k if args.draft_layers else None,
+                                           args.early_exit is not None, args.compile, args.device, args.compile_prefill)
     slack = max(steps) + 1
     context = model.args.max_seq_length
     generate_run = partial(generate_batch, model, prefill_fn=prefill_fn, steps=steps, eos_id=tokenizer.eos_id,

@@ -13,6 +13,7 @@ seen lately and what a step at each k has been measured to cost on this device -
 autoregressive step when no k is expected to beat it, with a drafting step now and then to see
 whether the text has become easier. Each step is exact whatever its k, so the output is too.
 """
+import argparse
 import time
 from functools import partial
 from typing import Callable, Optional, Union
@@ -65,11 +66,61 @@ def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, tem
     return out, n, next_token, pos + n + 1
 
 
+def parse_speculate_k(text: str) -> Union[int, str]:
+    """--speculate_k's value: a positive integer, or "auto"."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text!r}")
+    return int(text)
+
+
 def speculative_steps(ks: tuple[int, ...], temperature: float, top_k: Optional[int],
                       step_fn: Callable = speculative_step, decode_fn: Callable = decode_one_token) -> dict[int, Callable]:
     """{k: step(model, token, pos)} with the sampling settings bound; k = 0 is an autoregressive step."""
     return {k: partial(step_fn, k=k, temperature=temperature, top_k=top_k) if k
             else partial(decode_fn, temperature=temperature, top_k=top_k) for k in ks}
+
+
+def decoding_functions(temperature: float, top_k: Optional[int], speculate_k: Union[int, str, None] = None,
+                       early_exit: bool = False, compile: bool = False, device: str = "cpu",
+                       compile_prefill: bool = False) -> tuple[Callable, dict[int, Callable]]:
+    """A run's prefill and steps ({k: step}; 0 is autoregressive): one autoregressive step without
+    speculate_k, one drafting k tokens with it, AUTO_K's with "auto"; compiled if asked (the steps
+    as whole graphs, on CUDA replayed as CUDA graphs), with their sampling settings bound."""
+    prefill_fn, decode_fn, step_fn = prefill, decode_one_token, speculative_step
+    if compile:
+        on_cuda = device.startswith("cuda")
+        if on_cuda:
+            torch._inductor.config.coordinate_descent_tuning = True
+            torch._inductor.config.triton.unique_kernel_names = True
+        mode = "reduce-overhead" if on_cuda else "default"
+        decode_fn = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+        step_fn = torch.compile(speculative_step, mode=mode, fullgraph=True)
+        if compile_prefill:
+            prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
+    sampling = dict(temperature=temperature, top_k=top_k)
+    if speculate_k is not None:
+        steps = speculative_steps(AUTO_K if speculate_k == "auto" else (speculate_k,), temperature, top_k, step_fn, decode_fn)
+    else:
+        steps = {0: partial(decode_fn, early_exit=early_exit, **sampling)}
+    return partial(prefill_fn, early_exit=early_exit, **sampling), steps
+
+
+def warm_up(model: Transformer, prefill_fn: Callable, steps: dict[int, Callable], batch_size: int) -> float:
+    """Compiles every step for this batch size before anything is timed: each runs once on
+    placeholder tokens at position 0 (the prefill that follows overwrites what they wrote)."""
+    device = model.tok_embeddings.weight.device
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        prefill_fn(model, torch.zeros(1, 2, dtype=torch.long, device=device), torch.tensor([2], device=device),
+                   torch.tensor([0], device=device))
+        for step in steps.values():
+            token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            step(model, token, torch.zeros(batch_size, dtype=torch.long, device=device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 # --- choosing k ----------------------------------------------------------------------------------
