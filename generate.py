@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
+import tp
 from common import (DTYPES, cache_length, check_exit_layer, completion_text, fail, generate_batch, read_prompts_file,
                     weight_bytes)
 from model import Transformer, load_model
@@ -172,7 +174,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model = load_model(args.checkpoint_path, args.device, args.dtype)
+        rank, world, device = tp.setup(args.device)  # under torchrun: this process's share of the model
+    except ValueError as e:
+        fail(str(e))
+    if rank:  # rank 0 alone speaks: text, reports, --json, errors (every rank exits alike)
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    if world > 1 and args.interactive:
+        fail("--interactive reads stdin in one process: run it without torchrun")
+    args.device = device
+    try:
+        model = load_model(args.checkpoint_path, device, args.dtype, shard=tp.shard(rank, world) if world > 1 else None)
+        if world > 1:
+            tp.add_collectives(model)
         tokenizer = load_tokenizer(args.checkpoint_path.parent / "tokenizer.model")
         entries = read_prompts_file(args.prompts_file) if args.prompts_file else None
     except (ValueError, OSError) as e:
@@ -262,13 +275,15 @@ def run_prompts_file(args: argparse.Namespace, model: Transformer, tokenizer, en
 
     settings = {key: info[key] for key in ("checkpoint", "dtype", "draft_layers", "speculate_k", "early_exit")}
     settings.update(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    rank_0 = not dist.is_initialized() or dist.get_rank() == 0  # under torchrun only rank 0 touches --output
     try:
-        done = read_finished(args.output, settings, entries) if args.resume else set()
+        done = read_finished(args.output, settings, entries) if args.resume and rank_0 else set()
     except (ValueError, OSError) as e:
         fail(str(e))
-    if args.output is not None and not args.resume:
+    done = tp.broadcast(done)
+    if args.output is not None and not args.resume and rank_0:
         args.output.write_text("")  # a fresh run starts a fresh file
-    out = open(args.output, "a", encoding="utf-8") if args.output is not None else sys.stdout
+    out = open(args.output, "a", encoding="utf-8") if args.output is not None and rank_0 else sys.stdout
 
     def write(record: dict) -> None:
         out.write(json.dumps({**record, "settings": settings}) + "\n")

@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -130,9 +130,9 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight  # its dtype and device are the activations'
         self.cache_length = length
         self.exit_layer = self.args.n_layer if exit_layer is None else exit_layer
-        for layer in self.layers:
+        for layer in self.layers:  # a tensor-parallel rank's layers have only its share of the heads
             layer.attention.kv_cache = KVCache(
-                batch, length, self.args.n_kv_head, self.args.head_dim, weight.dtype
+                batch, length, layer.attention.n_kv_head, layer.attention.head_dim, weight.dtype
             ).to(weight.device)
         self.exit_cache = torch.zeros(batch, length, self.args.dim, dtype=weight.dtype, device=weight.device)
         self.every_row = torch.arange(batch, device=weight.device)[:, None]
@@ -336,14 +336,17 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def load_model(checkpoint_path: Path, device: str = "cpu", dtype: Optional[torch.dtype] = torch.float32) -> Transformer:
+def load_model(checkpoint_path: Path, device: str = "cpu", dtype: Optional[torch.dtype] = torch.float32,
+               shard: Optional[Callable[[Transformer, dict, Optional[dict]], dict]] = None) -> Transformer:
     """Builds the model on the meta device and assigns the memory-mapped weights to it.
 
     `model_config.json` sits beside the checkpoint, which may be quantized (quantize.py): its
     layers are then packed for `device`, with `dtype` as the activations' dtype. dtype None is
     bfloat16 on CUDA; on a CPU float32, but bfloat16 for a quantized file, whose CPU kernels are
-    several times slower with float32 activations. Raises ValueError / FileNotFoundError with a
-    message fit for one line on stderr.
+    several times slower with float32 activations. shard(model, state, quantization), given,
+    returns the state of one tensor-parallel rank (tp.py) and fits the meta model's layers to it
+    before anything is read. Raises ValueError / FileNotFoundError with a message fit for one
+    line on stderr.
     """
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
@@ -365,12 +368,17 @@ def load_model(checkpoint_path: Path, device: str = "cpu", dtype: Optional[torch
                              f"({QUANTIZATION_VERSION}): quantize the checkpoint again")
         if quantization["mode"] == "int4" and device.startswith("cuda") and dtype != torch.bfloat16:
             raise ValueError(f"int4 on CUDA runs with bfloat16 activations only, not {str(dtype).removeprefix('torch.')}")
-        with torch.device("meta"):
-            quantized_layers(model, state, quantization)
     elif any(name.endswith(".codes") for name in state):
         raise ValueError(f"{checkpoint_path} holds quantized weights but no quantization metadata")
-    tied = args.tie_embeddings and isinstance(model.output, nn.Linear)  # a quantized head is its own copy
-    if tied and "tok_embeddings.weight" in state:  # stored once; tie for a strict load
+    if shard is not None:
+        with torch.device("meta"):
+            state = shard(model, state, quantization)
+    if quantization is not None:
+        with torch.device("meta"):
+            quantized_layers(model, state, quantization)
+    # A tied head is stored once, as the embedding; a quantized or tensor-parallel head is its own.
+    tied = args.tie_embeddings and not any(name.startswith("output.") for name in state)
+    if tied and "tok_embeddings.weight" in state:  # tie for a strict load
         state["output.weight"] = state["tok_embeddings.weight"]
     try:
         model.load_state_dict(state, assign=True)
