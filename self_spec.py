@@ -125,15 +125,15 @@ def warm_up(model: Transformer, prefill_fn: Callable, steps: dict[int, Callable]
 
 # --- choosing k ----------------------------------------------------------------------------------
 
-def expected_tokens(k: int, acceptance: float) -> float:
-    """Tokens a step with k drafts yields when each draft is right with probability `acceptance`
-    (until the first wrong one), plus the token from the full model: 1 + a + ... + a^k."""
-    return sum(acceptance ** i for i in range(k + 1))
+def expected_tokens(k: int, survival: list[float]) -> float:
+    """Tokens a step with k drafts yields: the token from the full model, plus draft j for every j
+    whose drafts 1..j are all accepted, which happens with probability survival[j]."""
+    return 1 + sum(survival[1 : k + 1])
 
 
-def best_k(acceptance: float, seconds: dict[int, float]) -> int:
+def best_k(survival: list[float], seconds: dict[int, float]) -> int:
     """The k (0: autoregressive) with the most expected tokens per second, given a step's cost."""
-    return max(seconds, key=lambda k: expected_tokens(k, acceptance) / seconds[k])
+    return max(seconds, key=lambda k: expected_tokens(k, survival) / seconds[k])
 
 
 def measure_step_seconds(model: Transformer, steps: dict[int, Callable], batch_size: int, repeats: int = 7) -> dict[int, float]:
@@ -158,27 +158,37 @@ def measure_step_seconds(model: Transformer, steps: dict[int, Callable], batch_s
 class AdaptiveK:
     """Picks each step's k: `choose()` before the step, `observe()` after it.
 
-    The acceptance rate is the share of drafts accepted among the drafts the full model judged
-    (each row's accepted drafts, plus its first wrong one), counted with geometrically fading
-    weights so that it follows the text. Step costs are measure_step_seconds': with a static cache
-    a step costs the same at every position, so they hold for the whole run. When an
-    autoregressive step wins, no draft is judged and the estimate
-    cannot move, so every `wait` such steps a draft of the smallest k probes the text again; a
-    probe that does not bring drafting back doubles the wait (up to `max_wait`).
+    It keeps, for each draft position j, the share of the drafts reaching j that were accepted,
+    counted with geometrically fading weights so that it follows the text: a running acceptance
+    rate per position. Acceptance comes in runs - after some right drafts the next one is more
+    often right - which one rate for every position would miss, undervaluing long steps. The
+    chance that drafts 1..j are all accepted is the product of those rates. Step costs are
+    measure_step_seconds': with a static cache a step costs the same at every position, so they
+    hold for the whole run. When an autoregressive step wins, no draft is judged and nothing can
+    change, so every `wait` such steps a draft of the smallest k probes the text again; a probe
+    that does not bring drafting back doubles the wait (up to `max_wait`).
     """
 
     def __init__(self, seconds: dict[int, float], prior: float = 0.5, memory: float = 0.8,
                  first_wait: int = 4, max_wait: int = 64):
-        self.seconds = dict(seconds)
-        self.hits, self.misses = prior, 1 - prior  # one judged draft's worth of prior belief
+        self.seconds, self.prior = dict(seconds), prior
+        self.reached = [0.0] * (max(seconds) + 1)  # drafts judged at position j (index 0 unused)
+        self.accepted = [0.0] * (max(seconds) + 1)  # ... and accepted
         self.memory, self.first_wait, self.max_wait = memory, first_wait, max_wait
         self.wait, self.waited = first_wait, 0
 
-    def acceptance(self) -> float:
-        return self.hits / (self.hits + self.misses)
+    def survival(self) -> list[float]:
+        """survival[j]: the estimated chance that drafts 1..j of a step are all accepted. Each
+        position's rate holds one draft's worth of belief that it is the rate of the position
+        before (`prior` for the first): what is seen up to k carries to positions not yet tried."""
+        out, rate = [1.0], self.prior
+        for reached, accepted in zip(self.reached[1:], self.accepted[1:]):
+            rate = (accepted + rate) / (reached + 1)
+            out.append(out[-1] * rate)
+        return out
 
     def choose(self) -> int:
-        k = best_k(self.acceptance(), self.seconds)
+        k = best_k(self.survival(), self.seconds)
         if k == 0 and self.waited >= self.wait:
             return min(k for k in self.seconds if k > 0)
         return k
@@ -188,10 +198,14 @@ class AdaptiveK:
         if k == 0:
             self.waited += 1
             return
-        self.hits = self.memory * self.hits + sum(accepted)
-        self.misses = self.memory * self.misses + sum(n < k for n in accepted)
+        self.reached = [self.memory * x for x in self.reached]
+        self.accepted = [self.memory * x for x in self.accepted]
+        for n in accepted:  # drafts 1..n accepted; draft n + 1, if there was one, judged and refused
+            for j in range(1, min(n + 1, k) + 1):
+                self.reached[j] += 1
+                self.accepted[j] += j <= n
         if self.waited:  # that was a probe: drafting resumes, or AR waits longer before the next
-            self.wait = self.first_wait if best_k(self.acceptance(), self.seconds) else min(2 * self.wait, self.max_wait)
+            self.wait = self.first_wait if best_k(self.survival(), self.seconds) else min(2 * self.wait, self.max_wait)
         self.waited = 0
 
 

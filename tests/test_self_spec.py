@@ -105,7 +105,22 @@ COSTS = {0: 1.0, 1: 1.4, 2: 1.7, 4: 2.3, 6: 2.9, 8: 3.5}  # seconds of a step at
     (1.0, 8),  # 9 / 3.5 = 2.57, against 7 / 2.9 = 2.41
 ])
 def test_policy_picks_the_k_with_the_most_expected_tokens_per_second(acceptance, k):
-    assert best_k(acceptance, COSTS) == k
+    """With one acceptance rate a at every draft position, drafts 1..j all pass with chance a^j."""
+    assert best_k([acceptance ** j for j in range(9)], COSTS) == k
+
+
+def test_acceptance_in_runs_favours_longer_steps():
+    """Drafts that are right in runs: the first is accepted half the time, every next one 95%.
+    One rate for all positions (0.5 at best) would pick k = 1 (1.07 tokens per unit against 1.0
+    for AR); the runs make k = 6 worth 3.65 / 2.9 = 1.26 (k = 4: 1.24, k = 8: 1.25)."""
+    survival = [1.0] + [0.5 * 0.95 ** (j - 1) for j in range(1, 9)]
+    assert best_k([0.5 ** j for j in range(9)], COSTS) == 1
+    assert best_k(survival, COSTS) == 6
+    policy = AdaptiveK(COSTS)
+    for _ in range(30):  # each step: half the rows refuse the first draft, the other half accept all
+        policy.observe(8, [0, 8])
+    assert policy.survival()[1] == pytest.approx(0.5, abs=0.02) and policy.survival()[8] > 0.4
+    assert policy.choose() == 8
 
 
 def simulate(policy: AdaptiveK, accepted_of, steps: int) -> list[int]:
