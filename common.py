@@ -54,6 +54,13 @@ def save_checkpoint(out_dir: Path, args: ModelArgs, state: dict, tokenizer: Path
     atomic_write(out_dir / "model.pth", lambda tmp: torch.save(state, tmp))
 
 
+def check_device(device: str) -> None:
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        fail(f"unknown device {device!r}: use cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda asked for, but no CUDA device is available")
+
+
 def check_exit_layer(flag: str, exit_layer: int, n_layer: int) -> None:
     """An exit needs at least one layer on each side: [0, E) drafts, [E, L) verifies."""
     if not 1 <= exit_layer < n_layer:

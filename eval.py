@@ -26,7 +26,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from common import DTYPES, atomic_write, check_exit_layer, fail, generate_batch
+from common import DTYPES, atomic_write, check_device, check_exit_layer, fail, generate_batch
 from model import ModelArgs, Transformer, load_model
 from self_spec import AdaptiveK, decoding_functions, measure_step_seconds, parse_speculate_k, warm_up
 from tokenizer import load_tokenizer
@@ -407,10 +407,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, help="write the results (metrics, engine stats) here as JSON")
     p.add_argument("--log_samples", action="store_true", help="with --output: every request and response too")
     args = p.parse_args(argv)
-    if args.device.split(":")[0] not in ("cpu", "cuda"):
-        fail(f"unknown device {args.device!r}: use cpu or cuda")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        fail("--device cuda asked for, but no CUDA device is available")
+    check_device(args.device)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     checks = [
         (not args.tasks, "--tasks names no task"),

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 import tp
-from common import (DTYPES, cache_length, check_exit_layer, completion_text, fail, generate_batch, read_prompts_file,
-                    weight_bytes)
+from common import (DTYPES, cache_length, check_device, check_exit_layer, completion_text, fail, generate_batch,
+                    read_prompts_file, weight_bytes)
 from model import Transformer, load_model
 from self_spec import AUTO_K, AdaptiveK, decoding_functions, measure_step_seconds, parse_speculate_k, warm_up
 from tokenizer import load_tokenizer
@@ -132,10 +132,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--show_drafts", action="store_true", help="colour accepted drafts in a terminal")
     p.add_argument("--json", action="store_true", help="last stdout line: JSON with every sample")
     args = p.parse_args(argv)
-    if args.device.split(":")[0] not in ("cpu", "cuda"):
-        fail(f"unknown device {args.device!r}: use cpu or cuda")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        fail("--device cuda asked for, but no CUDA device is available")
+    check_device(args.device)
     checks = [
         (args.num_samples < 1, "--num_samples must be at least 1"),
         (args.batch_size < 1, "--batch_size must be at least 1"),
