@@ -55,7 +55,8 @@ class SentencePieceTokenizer:
         return ([self.bos_id] if bos else []) + self.sp.encode(text)
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(list(ids))
+        # ids past the tokenizer's own (a model's vocabulary padded beyond it) stand for no text
+        return self.sp.decode([i for i in ids if i < self.vocab_size])
 
 
 class TiktokenTokenizer:
@@ -80,8 +81,9 @@ class TiktokenTokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        # a prefix of the generated ids may end inside a multi-byte character: replace, don't raise
-        return self.model.decode(list(ids), errors="replace")
+        # a prefix of the generated ids may end inside a multi-byte character: replace, don't raise;
+        # ids past the tokenizer's own (a model's vocabulary padded beyond it) stand for no text
+        return self.model.decode([i for i in ids if i < self.vocab_size], errors="replace")
 
 
 def _llama3_chunks(text: str, max_chars: int = 400_000, max_run: int = 25_000):

@@ -119,11 +119,17 @@ def test_decode_prefixes_are_stable(tok):
     # the CLI prints the growing decode of the generated ids: each prefix must decode to a prefix of the
     # final text, except for a trailing U+FFFD where the prefix ends inside a multi-byte character
     ids = tok.encode("Hi 日本🙂 the wörld, ok", bos=False)
-    full = tok.decode(ids)
-    for i in range(len(ids) + 1):
-        part = tok.decode(ids[:i])
-        assert part == tok.decode(ids[:i])
-        assert full.startswith(part.rstrip("\ufffd"))
+    parts = [tok.decode(ids[:i]) for i in range(len(ids) + 1)]
+    assert parts[-1] == "Hi 日本🙂 the wörld, ok"
+    for part in parts:
+        assert parts[-1].startswith(part.rstrip("\ufffd"))
+    assert any(part.endswith("\ufffd") for part in parts)  # a prefix does end inside a character
+
+
+def test_ids_past_the_tokenizer_decode_to_nothing(tok):
+    """A model's vocabulary may be padded past its tokenizer's; a random model can emit those ids."""
+    ids = tok.encode("hello world", bos=False)
+    assert tok.decode(ids[:1] + [tok.vocab_size, tok.vocab_size + 7] + ids[1:]) == "hello world"
 
 
 def test_missing_file(tmp_path):
