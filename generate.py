@@ -121,7 +121,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES),
                    help="activations: default float32 on CPU (bfloat16 for a quantized file), bfloat16 on CUDA")
-    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); default: torch's")
+    p.add_argument("--threads", type=int, help="CPU threads; default: one or all, whichever runs a step faster")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
     p.add_argument("--compile_prefill", action="store_true", help="compile the prefill too")
     p.add_argument("--draft_layers", type=int, help="self-speculation: draft with layers [0, E)")
@@ -154,15 +154,32 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def fastest_threads(model: Transformer, steps: dict[int, Callable], batch_size: int) -> int:
+    """One thread or all of them, whichever runs this model's steps faster here, and set: a small
+    model spends a step in many small operations, where threads mostly wait for each other."""
+    every, seconds = torch.get_num_threads(), {}
+    for threads in (1, every):
+        torch.set_num_threads(threads)
+        seconds[threads] = sum(measure_step_seconds(model, steps, batch_size, repeats=3).values())
+    best = min(seconds, key=seconds.get)
+    torch.set_num_threads(best)
+    print(f"threads: {best} (steps took {seconds[1] * 1e3:.1f} ms with one thread, {seconds[every] * 1e3:.1f} ms "
+          f"with {every}; --threads sets it)", file=sys.stderr)
+    return best
+
+
 def prepare_run(args: argparse.Namespace, model: Transformer, prefill_fn: Callable, steps: dict[int, Callable],
                 length: int, exit_layer: Optional[int]) -> Optional[AdaptiveK]:
     """Caches for batch_size rows of `length` positions; with --compile every step compiled before
-    anything is timed; with several steps to choose from (--speculate_k auto), the policy that
-    chooses, starting from what each step measures here."""
+    anything is timed; on a CPU without --threads, the faster of one thread and all; with several
+    steps to choose from (--speculate_k auto), the policy that chooses, starting from what each
+    step measures here."""
     with torch.device(args.device):
         model.setup_caches(args.batch_size, length, exit_layer)
     if args.compile:
         print(f"compilation (not timed): {warm_up(model, prefill_fn, steps, args.batch_size):.1f} s", file=sys.stderr)
+    if args.threads is None and args.device == "cpu" and torch.get_num_threads() > 1:
+        args.threads = fastest_threads(model, steps, args.batch_size)
     return AdaptiveK(measure_step_seconds(model, steps, args.batch_size)) if len(steps) > 1 else None
 
 

@@ -165,8 +165,9 @@ class AdaptiveK:
     chance that drafts 1..j are all accepted is the product of those rates. Step costs are
     measure_step_seconds': with a static cache a step costs the same at every position, so they
     hold for the whole run. When an autoregressive step wins, no draft is judged and nothing can
-    change, so every `wait` such steps a draft of the smallest k probes the text again; a probe
-    that does not bring drafting back doubles the wait (up to `max_wait`).
+    change, so every `wait` such steps a step of the middle k probes the text again (long enough
+    to see a run of right drafts, which a one-draft probe never would), the first one at once; a
+    probe that does not bring drafting back doubles the wait (up to `max_wait`).
     """
 
     def __init__(self, seconds: dict[int, float], prior: float = 0.5, memory: float = 0.8,
@@ -175,7 +176,9 @@ class AdaptiveK:
         self.reached = [0.0] * (max(seconds) + 1)  # drafts judged at position j (index 0 unused)
         self.accepted = [0.0] * (max(seconds) + 1)  # ... and accepted
         self.memory, self.first_wait, self.max_wait = memory, first_wait, max_wait
-        self.wait, self.waited = first_wait, 0
+        self.wait = self.waited = first_wait  # no evidence yet: if it is AR, probe at once
+        drafting = sorted(k for k in seconds if k > 0)
+        self.probe, self.probing = drafting[len(drafting) // 2], False
 
     def survival(self) -> list[float]:
         """survival[j]: the estimated chance that drafts 1..j of a step are all accepted. Each
@@ -189,9 +192,8 @@ class AdaptiveK:
 
     def choose(self) -> int:
         k = best_k(self.survival(), self.seconds)
-        if k == 0 and self.waited >= self.wait:
-            return min(k for k in self.seconds if k > 0)
-        return k
+        self.probing = k == 0 and self.waited >= self.wait
+        return self.probe if self.probing else k
 
     def observe(self, k: int, accepted: list[int]) -> None:
         """accepted: each active row's accepted drafts in the step just taken with k."""
@@ -204,7 +206,7 @@ class AdaptiveK:
             for j in range(1, min(n + 1, k) + 1):
                 self.reached[j] += 1
                 self.accepted[j] += j <= n
-        if self.waited:  # that was a probe: drafting resumes, or AR waits longer before the next
+        if self.probing:  # drafting resumes, or AR waits longer before the next probe
             self.wait = self.first_wait if best_k(self.survival(), self.seconds) else min(2 * self.wait, self.max_wait)
         self.waited = 0
 

@@ -145,6 +145,24 @@ def test_completion_text_keeps_the_space_before_the_first_word(checkpoints):
     assert generate.completion_text(tokenizer, prompt, whole[len(prompt):]) == " add(a, b)"
 
 
+def test_threads_default_to_the_faster_of_one_and_all(checkpoints, monkeypatch, capsys):
+    """Without --threads on a CPU, a step is timed with one thread and with all; the faster stays."""
+    path, _ = checkpoints("llama2")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    for fast in (1, 4):
+        # a step's seconds as measured with the threads last set: `fast` threads are quicker
+        monkeypatch.setattr(generate, "measure_step_seconds",
+                            lambda model, steps, batch, repeats=7, fast=fast: {k: 1.0 if chosen[-1] == fast else 2.0 for k in steps})
+        chosen.clear()
+        main_json(capsys, "--checkpoint_path", str(path), "--max_new_tokens", "2")
+        assert chosen[-1] == fast, chosen
+    chosen.clear()
+    main_json(capsys, "--checkpoint_path", str(path), "--max_new_tokens", "2", "--threads", "3")
+    assert chosen == [3]  # given: not measured
+
+
 # --- prompts files ---------------------------------------------------------------------------
 
 def write_prompts(path, prompts, jsonl=True):

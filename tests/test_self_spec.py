@@ -137,10 +137,12 @@ def test_adaptive_k_climbs_when_drafts_are_right_and_probes_ever_less_often_when
     chosen = simulate(AdaptiveK(COSTS), lambda k: k, 40)
     assert chosen[-30:] == [8] * 30
     chosen = simulate(AdaptiveK(COSTS), lambda k: 0, 200)
-    probes = [i for i, k in enumerate(chosen) if k]
-    assert chosen[probes[0] + 1:] .count(0) > 190 - len(probes) and set(chosen[probes[0] + 1:]) == {0, 1}
-    gaps = [b - a - 1 for a, b in zip(probes[1:], probes[2:])]  # autoregressive steps between probes
-    assert gaps[:4] == [8, 16, 32, 64] and set(gaps[4:]) == {64}
+    drafting = [i for i, k in enumerate(chosen) if k]  # the first by choice (the prior's), then probes
+    assert {chosen[i] for i in drafting[1:]} == {4}  # probes draft the middle k: long enough for a run
+    gaps = [b - a - 1 for a, b in zip(drafting, drafting[1:])]  # autoregressive steps between them
+    assert gaps[:5] == [4, 8, 16, 32, 64] and set(gaps[5:]) == {64}
+    # With no evidence and autoregressive decoding the best guess, the very first step probes.
+    assert simulate(AdaptiveK({0: 1.0, 1: 3.0, 2: 5.0, 4: 9.0, 6: 13.0, 8: 17.0}), lambda k: 0, 1) == [4]
     # the text turns easy again: the next probe is accepted and drafting takes over
     policy = AdaptiveK(COSTS)
     simulate(policy, lambda k: 0, 30)
@@ -176,4 +178,100 @@ def test_auto_is_exact_and_follows_the_acceptance(checkpoints):
     reference, _ = greedy(random_model, prompt, max_new=60)
     tokens, stats = auto_greedy(random_model, prompt, 1, COSTS)
     assert tokens == reference and stats["acceptance_rate"] < 0.1
-    assert stats["k_steps"][0] >= 0.7 * sum(stats["k_steps"].values()) and stats["k_steps"][1] >= 2, stats["k_steps"]
+    assert stats["k_steps"][0] >= 0.7 * sum(stats["k_steps"].values()) and stats["k_steps"][4] >= 2, stats["k_steps"]
+
+
+# --- found by mutation testing (setup.cfg) ---------------------------------------------------------
+
+def test_parse_speculate_k_takes_positive_integers_and_auto():
+    import argparse
+    from self_spec import parse_speculate_k
+    assert parse_speculate_k("1") == 1 and parse_speculate_k("12") == 12 and parse_speculate_k("auto") == "auto"
+    for text in ("0", "-1", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"positive integer or auto, got {text!r}"):
+            parse_speculate_k(text)
+
+
+def test_decoding_functions_bind_the_settings_and_compile_what_the_device_needs(monkeypatch):
+    """Which functions a run decodes with, with which settings bound and compiled how: torch.compile
+    is replaced by a recorder (nothing is compiled)."""
+    from types import SimpleNamespace
+    from common import decode_one_token
+    from self_spec import decoding_functions, speculative_step
+    compiled = []
+
+    def fake_compile(fn, **options):
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+        wrapper.original, wrapper.options = fn, options
+        compiled.append(wrapper)
+        return wrapper
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    # the inductor flags a CUDA run sets, on a stand-in (importing torch._inductor takes seconds)
+    inductor = SimpleNamespace(coordinate_descent_tuning=False, triton=SimpleNamespace(unique_kernel_names=False))
+    monkeypatch.setitem(vars(torch), "_inductor", SimpleNamespace(config=inductor))  # setattr would import it
+
+    def bound(fn):  # what a partial calls and with which keywords
+        return getattr(fn.func, "original", fn.func), fn.keywords
+
+    prefill_fn, steps = decoding_functions(0.7, 5)  # defaults: autoregressive, full model, not compiled
+    assert bound(prefill_fn) == (prefill, dict(early_exit=False, temperature=0.7, top_k=5))
+    assert {k: bound(s) for k, s in steps.items()} == {0: (decode_one_token, dict(early_exit=False, temperature=0.7, top_k=5))}
+    prefill_fn, steps = decoding_functions(0.7, 5, early_exit=True)
+    assert bound(prefill_fn)[1]["early_exit"] is True and bound(steps[0])[1]["early_exit"] is True
+    _, steps = decoding_functions(0.7, 5, 3)
+    assert {k: bound(s) for k, s in steps.items()} == {3: (speculative_step, dict(k=3, temperature=0.7, top_k=5))}
+    _, steps = decoding_functions(0, None, "auto")
+    assert {k: bound(s) for k, s in steps.items()} == {
+        k: (speculative_step, dict(k=k, temperature=0, top_k=None)) if k else (decode_one_token, dict(temperature=0, top_k=None))
+        for k in AUTO_K}
+    assert compiled == [] and not inductor.coordinate_descent_tuning
+
+    _, steps = decoding_functions(0.7, 5, "auto", compile=True)  # on the CPU: the default mode, prefill eager
+    assert [(c.original, c.options) for c in compiled] == [(decode_one_token, dict(mode="default", fullgraph=True)),
+                                                           (speculative_step, dict(mode="default", fullgraph=True))]
+    assert steps[0].func is compiled[0] and steps[4].func is compiled[1]
+    assert not inductor.coordinate_descent_tuning and not inductor.triton.unique_kernel_names
+    compiled.clear()
+    prefill_fn, steps = decoding_functions(0.7, 5, compile=True, device="cuda:1", compile_prefill=True)
+    assert [(c.original, c.options) for c in compiled] == [
+        (decode_one_token, dict(mode="reduce-overhead", fullgraph=True)),
+        (speculative_step, dict(mode="reduce-overhead", fullgraph=True)),
+        (prefill, dict(fullgraph=True, dynamic=True))]
+    assert prefill_fn.func is compiled[2] and steps[0].func is compiled[0]
+    assert inductor.coordinate_descent_tuning is True and inductor.triton.unique_kernel_names is True
+
+
+def test_measure_step_seconds_is_the_median_of_the_timed_rounds(monkeypatch):
+    """A fake clock that each step advances by a scripted duration: the first round is not timed,
+    the others give the median (index repeats // 2 of the sorted times); every pass runs in
+    inference mode on (batch, 1) tokens at position 0 and reads back the accepted counts."""
+    import self_spec
+    clock = [0.0]
+    monkeypatch.setattr(self_spec.time, "perf_counter", lambda: clock[0])
+    durations = {0: iter([100.0, 5.0, 1.0, 3.0, 2.0]), 2: iter([100.0, 9.0, 7.0, 8.0, 50.0])}
+    calls = []
+
+    class Accepted:  # records the read back
+        def tolist(self):
+            calls.append("tolist")
+            return [0]
+
+    def step(k):
+        def run(model, token, pos):
+            assert torch.is_inference_mode_enabled()
+            assert token.shape == (3, 1) and token.dtype == torch.long and not token.any()
+            assert pos.shape == (3,) and pos.dtype == torch.long and not pos.any()
+            calls.append(k)
+            clock[0] += next(durations[k])
+            return None, Accepted()
+        return run
+
+    from model import ModelArgs
+    model = Transformer(ModelArgs(vocab_size=8, dim=8, n_layer=1, n_head=1, n_kv_head=1, head_dim=8, intermediate_size=8))
+    seconds = self_spec.measure_step_seconds(model, {0: step(0), 2: step(2)}, 3, repeats=4)
+    assert seconds == {0: 3.0, 2: 9.0}  # sorted: [1, 2, 3, 5] and [7, 8, 9, 50]
+    assert calls == [0, "tolist", 2, "tolist"] * 5  # rounds over every k
+    durations = {0: iter([100.0, 6, 1, 5, 2, 4, 3, 7]), 2: iter([0.0] * 8)}  # the default: 7 timed rounds
+    assert self_spec.measure_step_seconds(model, {0: step(0), 2: step(2)}, 3) == {0: 4.0, 2: 0.0}
