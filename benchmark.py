@@ -1123,7 +1123,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint_path", type=Path, help="a converted model.pth (tokenizer.model beside it)")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    m.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
+    m.add_argument("--dtype", choices=list(DTYPES),
+                   help="activations: default float32 on CPU (bfloat16 for a quantized file), bfloat16 on CUDA")
     m.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); default: torch's")
     m.add_argument("--compile", action="store_true", help="compile the decode step and the self-speculative step")
     d = p.add_argument_group("prompts")
@@ -1193,7 +1194,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     for bad, message in checks:
         if bad:
             fail(message)
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.synthetic:  # a checkpoint's default is load_model's (it depends on the file)
+        args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if "llama.cpp" in args.compare:
         llama_cpp_environment()  # before any work: one line if it is not there
         if args.device != "cpu":
@@ -1214,10 +1216,11 @@ def load(args: argparse.Namespace, tmp: Path) -> tuple[Transformer, object, Path
     from tokenizer import load_tokenizer
     tokenizer_path = args.checkpoint_path.parent / "tokenizer.model"
     try:
-        model = load_model(args.checkpoint_path, args.device, DTYPES[args.dtype])
+        model = load_model(args.checkpoint_path, args.device, DTYPES[args.dtype] if args.dtype else None)
         tokenizer = load_tokenizer(tokenizer_path)
     except (ValueError, OSError) as e:
         fail(str(e))
+    args.dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")  # what load_model chose
     return model, tokenizer, tokenizer_path, str(args.checkpoint_path)
 
 
