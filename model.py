@@ -107,7 +107,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layer))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.exit_layer = args.n_layer  # E; layers [0, E) are "early", [E, L) "late"
@@ -170,6 +170,19 @@ class Transformer(nn.Module):
         return self.head(self.late(self.early(idx, input_pos, rows), input_pos, rows))
 
 
+class Linear(nn.Linear):
+    """nn.Linear, but for one row of float32 on a CPU under torch.compile written as a reduction.
+    For one row (a decode step, a draft) MKL runs a matrix-vector product on one thread at about
+    23 GB/s on the development machine, where the reduction inductor generates streams the weight
+    at 37 GB/s on one thread and 48 GB/s on two (BENCHMARKS.md, quantization section)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        one_row = x.numel() == x.shape[-1]
+        if one_row and torch.compiler.is_compiling() and x.device.type == "cpu" and self.weight.dtype == torch.float32:
+            return (x.unsqueeze(-2) * self.weight).sum(-1)
+        return super().forward(x)
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -189,8 +202,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_kv_head, args.head_dim
         # q, k and v in one matrix: one weight read per token instead of three.
-        self.wqkv = nn.Linear(args.dim, (args.n_head + 2 * args.n_kv_head) * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
+        self.wqkv = Linear(args.dim, (args.n_head + 2 * args.n_kv_head) * args.head_dim, bias=False)
+        self.wo = Linear(args.n_head * args.head_dim, args.dim, bias=False)
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: Tensor, rope: Tensor, input_pos: Optional[Tensor], mask: Optional[Tensor],
@@ -213,9 +226,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)
-        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.w1 = Linear(args.dim, args.intermediate_size, bias=False)
+        self.w3 = Linear(args.dim, args.intermediate_size, bias=False)
+        self.w2 = Linear(args.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

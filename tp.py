@@ -25,10 +25,9 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn as nn
 from torch import Tensor
 
-from model import Transformer
+from model import Linear, Transformer
 
 
 def setup(device: str) -> tuple[int, int, str]:
@@ -110,7 +109,7 @@ def shard(rank: int, world: int) -> Callable[[Transformer, dict, Optional[dict]]
             else:
                 columns //= world
             parent, _, child = layer.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, nn.Linear(columns, rows, bias=False))
+            setattr(model.get_submodule(parent) if parent else model, child, Linear(columns, rows, bias=False))
         for block in model.layers:
             block.attention.n_head //= world
             block.attention.n_kv_head //= world
