@@ -514,7 +514,8 @@ def eval_only(args) -> None:
     _, val_texts = load_data(args.data, args.glob, args.val_fraction)
     for path in args.checkpoint_path:
         path = Path(path)
-        model = load_model(path, args.device, torch.float32)
+        # as generate.py runs it: float32 activations, bfloat16 for a quantized file on a CPU
+        model = load_model(path, args.device, None if args.device == "cpu" else torch.float32)
         tokenizer = load_tokenizer(path.parent / "tokenizer.model")  # each model with its own tokenizer
         model.setup_rope(min(args.seq_len, model.args.max_seq_length))
         windows = eval_windows(encode(tokenizer, val_texts), min(args.seq_len, model.args.max_seq_length), args.eval_tokens)
