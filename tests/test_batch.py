@@ -183,3 +183,226 @@ def test_batched_sampling_has_the_full_model_distribution_over_several_steps():
         assert far_off(ks, policy, depth) == [], name
     # The same resolution rejects a sampler that is wrong: the drafts alone.
     assert far_off((0,), None, 3, early_exit=True)
+
+
+# --- found by mutation testing (setup.cfg) ---------------------------------------------------------
+
+def test_loop_bookkeeping_on_a_scripted_model():
+    """generate_batch on a stand-in model whose text is known in advance: the token at position p of
+    prompt i is 1000 (i + 1) + p, and a step with k drafts from token t accepts (7 t) mod (k + 1).
+    From the calls the loop makes (prefills, steps with k chosen by a policy, tokens streamed, rows
+    done) every row's state is rebuilt and checked at every step: an active row steps from its last
+    token at that token's position, an idle one is parked at position 0. Then each prompt's tokens
+    (ending at EOS, its budget - cut by the context - or a stop hook, tokens of the same step kept)
+    and its statistics, against the same rules applied to the steps it took."""
+    import time
+    from types import SimpleNamespace
+    context, max_new, ks = 14, 6, [3, 0, 2, 3]
+    lengths = [3, 1, 10, 5, 13, 4, 2]  # budgets: 2 and 4 cut by the context, 4 done at its first token
+    prompts = [[1000 * (i + 1) + p for p in range(n)] for i, n in enumerate(lengths)]
+    eos = 4000 + 7  # prompt 3's third token
+
+    def stop(index, tokens):
+        return index == 0 and len(tokens) >= 2
+
+    model = SimpleNamespace(tok_embeddings=SimpleNamespace(weight=torch.zeros(1)), args=SimpleNamespace(max_seq_length=context))
+    events = []
+
+    def prefill_fn(model_, idx, lengths_t, rows):
+        assert model_ is model and idx.dtype == torch.long
+        events.append(("prefill", idx.tolist(), lengths_t.tolist(), rows.tolist()))
+        return idx[torch.arange(len(idx)), lengths_t - 1] + 1
+
+    def step(model_, token, pos, k):
+        assert model_ is model and token.shape == (2, 1) and pos.shape == (2,)
+        events.append(("step", k, token[:, 0].tolist(), pos.tolist()))
+        n = token[:, 0] * 7 % (k + 1)
+        out = torch.where(torch.arange(k + 1) <= n[:, None], token + 1 + torch.arange(k + 1), -5)  # -5: rejected
+        return out, n, token + n[:, None] + 1, pos + n + 1
+
+    class Policy:
+        def __init__(self):
+            self.i = -1
+
+        def choose(self):
+            self.i += 1
+            return ks[self.i % len(ks)]
+
+        def observe(self, k, accepted):
+            events.append(("observe", k, accepted))
+
+    start = time.perf_counter()
+    results = generate_batch(model, prompts, max_new, prefill_fn=prefill_fn, steps={k: partial(step, k=k) for k in (0, 2, 3)},
+                             eos_id=eos, batch_size=2, policy=Policy(), stop=stop,
+                             on_tokens=lambda index, new, drafted: events.append(("tokens", index, new, drafted)),
+                             on_done=lambda result: events.append(("done", result)))
+    wall = time.perf_counter() - start
+
+    queue, row_of, tokens, taken = iter(range(len(prompts))), {}, {}, {i: [] for i in range(len(prompts))}
+    done_order, last_step = [], None
+    for event in events:
+        if event[0] == "prefill":
+            _, idx, lens, rows = event
+            starting = [next(queue) for _ in rows]
+            assert lens == [lengths[i] for i in starting]
+            assert idx == [prompts[i] + [0] * (max(lens) - lengths[i]) for i in starting]  # right-padded
+            assert all(r not in row_of.values() for r in rows) and rows == sorted(rows)
+            row_of.update(zip(starting, rows))
+        elif event[0] == "step":
+            _, k, token, pos = event
+            active = {r: i for i, r in row_of.items()}
+            for r in range(2):
+                if r in active:
+                    i = active[r]
+                    assert token[r] == tokens[i][-1] and pos[r] == lengths[i] + len(tokens[i]) - 1, (event, i)
+                    taken[i].append((k, token[r] * 7 % (k + 1)))
+                else:
+                    assert pos[r] == 0, event  # parked
+            last_step = (k, [token[r] * 7 % (k + 1) for r in sorted(active)])
+        elif event[0] == "observe":
+            assert event[1:] == last_step  # the accepted drafts of the rows that were active, in row order
+        elif event[0] == "tokens":
+            _, i, new, drafted = event
+            if i not in tokens:
+                assert drafted == [False]  # the prefill's token
+            else:
+                n = taken[i][-1][1]
+                assert drafted == ([True] * n + [False])[: len(new)]
+            tokens.setdefault(i, []).extend(new)
+        else:
+            result = event[1]
+            done_order.append(result["index"])
+            del row_of[result["index"]]
+    assert sorted(done_order) == list(range(len(prompts))) and row_of == {}
+    assert [r["index"] for r in results] == list(range(len(prompts)))  # in the prompts' order
+
+    for i, result in enumerate(results):
+        budget = min(max_new, context - lengths[i])
+        expected = [1000 * (i + 1) + lengths[i]]
+        for k, n in taken[i]:
+            new = [expected[-1] + 1 + j for j in range(n + 1)]
+            if eos in new:
+                new = new[: new.index(eos) + 1]
+            expected += new[: budget - len(expected)]
+        assert expected[-1] == eos or len(expected) == budget or stop(i, expected), i
+        assert result["generated_tokens"] == tokens[i] == expected and result["prompt_tokens"] == prompts[i]
+        steps, drafted = len(taken[i]), sum(k for k, _ in taken[i])
+        assert result["k_steps"] == {k: sum(1 for k_, _ in taken[i] if k_ == k) for k in {k for k, _ in taken[i]}}
+        assert result["acceptance_rate"] == (sum(n for _, n in taken[i]) / drafted if drafted else None)
+        assert result["tokens_per_step"] == ((len(expected) - 1) / steps if drafted else None)
+        assert 0 < result["seconds"] < wall and result["tokens_per_sec"] == len(expected) / result["seconds"]
+    assert len(results[0]["generated_tokens"]) >= 2 and results[3]["generated_tokens"][-1] == eos
+    assert len(results[2]["generated_tokens"]) == context - lengths[2]  # the context, not max_new, ends it
+    assert len(results[4]["generated_tokens"]) == 1 and results[4]["acceptance_rate"] is None
+    assert any(len(taken[i]) > 2 for i in taken) and any(k == 0 for i in taken for k, _ in taken[i])
+
+
+def test_logits_to_probs_exactly():
+    """Greedy: a one-hot float32 distribution at the argmax. Otherwise the softmax of logits / T in
+    float32 (also from bfloat16 logits), over the top_k largest only (top_k past the vocabulary:
+    all), along the last dim of logits of any rank."""
+    logits = torch.tensor([[[1.0, 3.0, 2.0, -1.0, 2.5], [0.5, -0.25, 0.25, 0.75, 0.0]],
+                           [[4.0, 3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0]]]).to(torch.bfloat16)  # (2, 2, 5)
+    greedy = logits_to_probs(logits, 0, None)
+    assert greedy.dtype == torch.float32 and torch.equal(greedy, torch.nn.functional.one_hot(logits.argmax(-1), 5).float())
+    assert torch.equal(logits_to_probs(logits, 0, 2), greedy)
+
+    def expected(temperature, top_k):
+        scaled = logits.double() / temperature
+        kept = scaled.argsort(-1, descending=True).argsort(-1) < top_k  # rank below top_k
+        return torch.where(kept, scaled.exp(), 0) / torch.where(kept, scaled.exp(), 0).sum(-1, keepdim=True)
+
+    for temperature, top_k in ((0.7, None), (1.3, 2), (0.5, 1), (2.0, 4), (1.0, 8)):
+        probs = logits_to_probs(logits, temperature, top_k)
+        assert probs.dtype == torch.float32 and probs.shape == logits.shape
+        assert torch.allclose(probs.double(), expected(temperature, top_k or 5), atol=1e-6), (temperature, top_k)
+    assert torch.equal(logits_to_probs(logits[0, 0], 1.3, 2) > 0, torch.tensor([False, True, False, False, True]))
+
+
+def test_sample_from_probs_draws_from_probs_along_the_last_dim():
+    from common import sample_from_probs
+    torch.manual_seed(0)
+    p = torch.tensor([0.2, 0.5, 0.0, 0.3])
+    draws = sample_from_probs(p.expand(3, 20_000, 4))  # one draw per row: 60,000 draws
+    assert draws.shape == (3, 20_000) and draws.dtype == torch.long
+    frequencies = torch.bincount(draws.flatten(), minlength=4).double() / draws.numel()
+    assert (frequencies - p).abs().max() < 0.01 and frequencies[2] == 0  # 4.5 standard deviations at most
+    one_hot = torch.nn.functional.one_hot(torch.tensor([3, 0, 2]), 4).float()
+    assert sample_from_probs(one_hot).tolist() == [3, 0, 2]
+
+
+def test_an_autoregressive_step_marks_no_token_as_a_draft():
+    """decode_one_token returns what a step returns with no drafts: accepted 0 for every row, and
+    the loop streams its tokens as the full model's (from_draft False). With early exit, the
+    prefill (into one row of the caches when a prompt refills a row) and every step use layers
+    [0, E) + the head only: the tokens are those of a plain greedy loop over head(early(...))."""
+    model = damped_model(1.0)
+    prompts, max_new = [[1, 4, 5], [1, 3], [2, 2, 4, 1]], 6
+
+    def plain_greedy(prompt, early_exit):  # the whole sequence again for each token, batch 1
+        sequence = list(prompt)
+        with torch.inference_mode():
+            for _ in range(max_new):
+                model.setup_caches(1, 16, EXIT)
+                ids, positions = torch.tensor([sequence]), torch.arange(len(sequence))[None]
+                h = model.early(ids, positions)
+                sequence.append(model.head(h if early_exit else model.late(h, positions))[0, -1].argmax().item())
+        return sequence[len(prompt):]
+
+    for early_exit in (False, True):
+        reference = [plain_greedy(p, early_exit) for p in prompts]
+        model.setup_caches(2, 16, EXIT)
+        marked = []
+        with torch.inference_mode():
+            results = generate_batch(model, prompts, max_new, prefill_fn=partial(prefill, temperature=0, top_k=None, early_exit=early_exit),
+                                     steps={0: partial(decode_one_token, temperature=0, top_k=None, early_exit=early_exit)},
+                                     eos_id=-1, batch_size=2, on_tokens=lambda index, new, drafted: marked.extend(drafted))
+            token, pos = torch.tensor([[2], [5]]), torch.tensor([5, 2])
+            out, n, next_token, next_pos = decode_one_token(model, token, pos, 0, None, early_exit=early_exit)
+        assert [r["generated_tokens"] for r in results] == reference, early_exit
+        assert marked == [False] * 18 and all(r["k_steps"] == {0: 5} and r["acceptance_rate"] is None for r in results)
+        assert torch.equal(out, next_token) and next_token.shape == (2, 1) and next_token.dtype == torch.long
+        assert n.tolist() == [0, 0] and n.dtype == torch.long and next_pos.tolist() == [6, 3]
+    assert reference != [plain_greedy(p, False) for p in prompts]  # early exit is another model here
+
+
+def test_prefill_and_steps_make_their_tensors_on_the_models_device():
+    """Every tensor a prefill or a step makes (positions, draws, masks) goes on the device of the
+    model's inputs: on the meta device (standing in for a GPU: shapes only, and an error on any
+    tensor left on the CPU) they run through and return meta tensors of the contract's shapes."""
+    from self_spec import speculative_step
+    args = ModelArgs(vocab_size=VOCAB, dim=32, n_layer=4, n_head=2, n_kv_head=1, head_dim=16, intermediate_size=64, max_seq_length=32)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.setup_caches(2, 16, EXIT)
+
+    def meta(*values):
+        return torch.tensor(values, device="meta")
+
+    with torch.inference_mode():
+        first = prefill(model, torch.zeros(2, 3, dtype=torch.long, device="meta"), meta(3, 2), meta(1, 0), TEMPERATURE, TOP_K)
+        assert first.shape == (2,) and first.device.type == "meta"
+        token, pos = torch.zeros(2, 1, dtype=torch.long, device="meta"), torch.zeros(2, dtype=torch.long, device="meta")
+        for step, k in ((partial(decode_one_token, early_exit=True), 0), (decode_one_token, 0), (partial(speculative_step, k=3), 3)):
+            out, n, next_token, next_pos = step(model, token, pos, temperature=TEMPERATURE, top_k=TOP_K)
+            assert [t.shape for t in (out, n, next_token, next_pos)] == [(2, k + 1), (2,), (2, 1), (2,)], k
+            assert {t.device.type for t in (out, n, next_token, next_pos)} == {"meta"}
+
+
+def test_the_loop_keeps_its_state_on_the_models_device():
+    """Tokens, positions and row indices live on the model's device (here meta, standing in for a
+    GPU); only what a step reads back comes to the host. A stand-in prefill and step check it."""
+    from types import SimpleNamespace
+    model = SimpleNamespace(tok_embeddings=SimpleNamespace(weight=torch.empty(0, device="meta")), args=SimpleNamespace(max_seq_length=16))
+    seen = []
+
+    def prefill_fn(model_, idx, lengths, rows):
+        seen.extend(t.device.type for t in (idx, lengths, rows))
+        return torch.full((len(rows),), 7)  # what a real prefill returns is read back at once
+
+    def step(model_, token, pos):
+        seen.extend(t.device.type for t in (token, pos))
+        return torch.full((2, 1), 7), torch.zeros(2, dtype=torch.long), token + 0, pos + 1
+
+    results = generate_batch(model, [[1, 2], [3], [4, 5]], 3, prefill_fn=prefill_fn, steps={0: step}, eos_id=-1, batch_size=2)
+    assert [r["generated_tokens"] for r in results] == [[7, 7, 7]] * 3 and set(seen) == {"meta"} and len(seen) == 3 * 2 + 2 * 4

@@ -233,3 +233,255 @@ def test_bad_input_gives_one_clear_line(quantized, checkpoints, tmp_path, capsys
     proc = run_quantize("--checkpoint_path", str(int8), "--mode", "int8", "--output", str(tmp_path / "out.pth"))
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert not (tmp_path / "out.pth").exists()
+
+
+# --- found by mutation testing (setup.cfg) ---------------------------------------------------------
+
+def test_quantize_state_notes_the_layers_a_kernel_cannot_run_as_they_are(capsys):
+    """A model whose width (40) is no multiple of 16 nor of the int4 group size: int8 notes each
+    layer reading 40 columns; int4 keeps those layers in float and notes the ones with 40 rows. The
+    progress bar goes to stderr, and only when asked for."""
+    from model import ModelArgs
+    args = ModelArgs(vocab_size=64, dim=40, n_layer=1, n_head=2, n_kv_head=1, head_dim=16, intermediate_size=64)
+    torch.manual_seed(0)
+    shapes = {"tok_embeddings.weight": (64, 40), "layers.0.attention.wqkv.weight": (64, 40), "layers.0.attention.wo.weight": (40, 32),
+              "layers.0.feed_forward.w1.weight": (64, 40), "layers.0.feed_forward.w2.weight": (40, 64),
+              "layers.0.feed_forward.w3.weight": (64, 40), "output.weight": (64, 40), "norm.weight": (40,)}
+    state = {name: torch.randn(shape) for name, shape in shapes.items()}
+    capsys.readouterr()
+    out, notes = quantize.quantize_state(state, args, "int8", None)
+    assert capsys.readouterr().err == ""  # no progress bar unless asked for
+    assert notes == [f"{layer}: 40 input columns, not a multiple of 16: the CPU int8 kernel cannot run it, a dequantizing matmul does"
+                     for layer in ("layers.0.attention.wqkv", "layers.0.feed_forward.w1", "layers.0.feed_forward.w3", "output")]
+    assert out["layers.0.attention.wo.codes"].dtype == torch.int8 and "layers.0.attention.wqkv.weight" not in out
+    out, notes = quantize.quantize_state(state, args, "int4", 32, progress=True)
+    err = capsys.readouterr().err
+    assert "quantizing to int4: 100%" in err and "6/6" in err and "layer/s" in err
+    assert notes == [f"{layer}: 40 input columns, not a multiple of the group size 32: kept unquantized"
+                     for layer in ("layers.0.attention.wqkv",)] + [
+        "layers.0.attention.wo: 40 output rows, not a multiple of 16: padded with zero rows when loaded "
+        "(the int4 kernels need 16 on CPU, 8 on CUDA)",
+        "layers.0.feed_forward.w1: 40 input columns, not a multiple of the group size 32: kept unquantized",
+        "layers.0.feed_forward.w2: 40 output rows, not a multiple of 16: padded with zero rows when loaded "
+        "(the int4 kernels need 16 on CPU, 8 on CUDA)",
+        "layers.0.feed_forward.w3: 40 input columns, not a multiple of the group size 32: kept unquantized",
+        "output: 40 input columns, not a multiple of the group size 32: kept unquantized"]
+    assert torch.equal(out["output.weight"], state["output.weight"]) and out["layers.0.feed_forward.w2.codes"].shape == (40, 32)
+
+
+def test_int4_pack_pads_rows_and_tiles_for_each_kernel():
+    """36 rows: padded to 48 for the CPU kernel (checked against the dequantized weight), to 40 for
+    the CUDA one, whose layout - (rows / 8, columns / (16 t), 32, t / 2) for inner k tiles t, the
+    largest of 8, 4, 2 that divides columns / 16 - is checked on the meta device (its shapes only)."""
+    for columns, tiles in ((256, 8), (64, 4), (32, 2)):
+        w = weights("random", rows=36, columns=columns)
+        layer = linear("int4", w, 32)
+        dequantized = quantize.dequantize_int4(layer.codes, layer.scales_and_zeros, 32)
+        layer.pack()
+        assert layer.packed.shape[0] == 48 and layer.scales_and_zeros.shape == (columns // 32, 48, 2)
+        x = torch.randn(5, columns)
+        expected = x.double() @ dequantized.double().t()
+        assert (layer(x).double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+        with torch.device("meta"):
+            layer = Int4Linear(columns, 36, 32)
+        layer.pack()
+        assert layer.packed.shape == (5, columns // (16 * tiles), 32, tiles // 2), columns
+        assert layer.scales_and_zeros.shape == (columns // 32, 40, 2) and not hasattr(layer, "codes")
+
+
+def test_quantized_layers_take_inputs_the_kernels_would_refuse():
+    """Rows that are a strided view (int4: the kernel wants them contiguous) or a view starting off
+    a 32-byte boundary (int8 in bfloat16: the kernel would crash on it)."""
+    w = weights("outliers", rows=40, columns=256)
+    layer = linear("int4", w, 32)
+    dequantized = quantize.dequantize_int4(layer.codes, layer.scales_and_zeros, 32)
+    layer.pack()
+    x = torch.randn(3, 512)[:, :256]  # rows 512 apart
+    expected = x.double() @ dequantized.double().t()
+    assert (layer(x).double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    layer = linear("int8", w).to(torch.bfloat16)
+    x = torch.randn(1 + 3 * 256).to(torch.bfloat16)[1:].view(3, 256)  # 2 bytes past an aligned start
+    expected = x.double() @ quantize.dequantize_int8(layer.codes, layer.scales).double().t()
+    assert (layer(x).double() - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+def test_each_device_gets_its_kernel(monkeypatch):
+    """On the CPU, int8 runs the int8 kernel whenever the rows are a multiple of 16 long (it reads
+    the int8 weight once; the dequantizing matmul makes a float copy of it) and the int4 CPU kernel;
+    elsewhere (the meta device standing in for CUDA, shapes only) the other int4 kernel, given the
+    layer's packed weight, group size and scales."""
+    calls = []
+
+    def recording(name):
+        original = getattr(torch.ops.aten, name)
+
+        def run(*args):
+            calls.append(name)
+            if args[0].device.type == "meta":  # the CUDA kernel's output, shape only
+                return torch.empty(args[0].shape[0], args[1].shape[0] * 8, dtype=args[0].dtype, device="meta")
+            return original(*args)
+        return run
+
+    for name in ("_weight_int8pack_mm", "_weight_int4pack_mm", "_weight_int4pack_mm_for_cpu"):
+        monkeypatch.setattr(torch.ops.aten, name, recording(name))
+    for columns, kernel in ((256, ["_weight_int8pack_mm"]), (272, ["_weight_int8pack_mm"]), (40, [])):
+        calls.clear()
+        w = weights("random", rows=8, columns=columns)
+        layer = linear("int8", w)
+        x = torch.randn(2, 3, columns)
+        expected = x.double() @ quantize.dequantize_int8(layer.codes, layer.scales).double().t()
+        assert (layer(x).double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+        assert calls == kernel, columns
+    calls.clear()
+    layer = linear("int4", weights("random", rows=40, columns=256), 32)
+    layer.pack()
+    layer(torch.randn(3, 256))
+    with torch.device("meta"):
+        meta = Int4Linear(256, 36, 32)
+    meta.pack()
+    y = meta(torch.empty(2, 3, 256, device="meta"))
+    assert calls == ["_weight_int4pack_mm_for_cpu", "_weight_int4pack_mm"] and y.shape == (2, 3, 36)
+
+
+class NotAWeight:  # an object a weights-only load refuses to build
+    pass
+
+
+def test_quantize_main_reports_on_stderr_and_refuses_what_it_cannot_use(checkpoints, tmp_path, capsys, monkeypatch):
+    """The command line on the tiny llama2 checkpoint: int4 with the default group size (128: every
+    layer of this 64-wide model is kept in float and noted), stderr only (the progress bar, one
+    line per note, the sizes), the checkpoint read memory-mapped, weights only, onto the CPU. Then
+    one line for each input it refuses: missing flags, a bad config, a truncated or pickled file,
+    one that holds codes or says it is quantized, one that lacks a layer."""
+    from model import ModelArgs
+    path, _ = checkpoints("llama2")
+    folder = tmp_path / "ckpt"
+    shutil.copytree(path.parent, folder)
+    path = folder / "model.pth"
+    loads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(kwargs) or load(*args, **kwargs))
+    capsys.readouterr()
+    quantize.main(["--checkpoint_path", str(path), "--mode", "int4"])
+    out, err = capsys.readouterr()
+    assert loads == [dict(mmap=True, weights_only=True, map_location="cpu")] and out == ""
+    output = folder / "model_int4.g128.pth"
+    state, written = load(path, weights_only=True), load(output, weights_only=True)
+    assert written["quantization"]["groupsize"] == 128 and not any(name.endswith(".codes") for name in written)
+    _, notes = quantize.quantize_state(state, ModelArgs.load(folder / "model_config.json"), "int4", 128)
+    megabytes = [sum(t.nbytes for t in s.values() if isinstance(t, torch.Tensor)) / 1e6 for s in (written, state)]
+    lines = err.strip().split("\n")
+    assert "quantizing to int4: 100%" in err and len(notes) == 31
+    assert lines[-32:] == [f"note: {note}" for note in notes] + [f"wrote {output}: {megabytes[0]:.1f} MB (from {megabytes[1]:.1f} MB)"]
+    assert megabytes[0] > 0.1
+
+    def refused(*flags: str) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            quantize.main(list(flags))
+        out, err = capsys.readouterr()
+        assert exit_.value.code == 1 and out == "" and len(err.strip().splitlines()) == 1, err
+        return err.strip()
+
+    assert "the following arguments are required: --checkpoint_path" in refused("--mode", "int8")
+    assert "the following arguments are required: --mode" in refused("--checkpoint_path", str(path))
+    (folder / "model_config.json").rename(folder / "config.bak")
+    (folder / "model_config.json").write_text("{")
+    assert refused("--checkpoint_path", str(path), "--mode", "int8").startswith(f"error: cannot read model config {folder / 'model_config.json'}: ")
+    (folder / "config.bak").replace(folder / "model_config.json")
+    (folder / "truncated.pth").write_bytes(path.read_bytes()[:1000])
+    torch.save({"layers": NotAWeight()}, folder / "pickled.pth")
+    for name in ("truncated.pth", "pickled.pth"):
+        message = refused("--checkpoint_path", str(folder / name), "--mode", "int8")
+        assert message.startswith(f"error: cannot read checkpoint {folder / name}: ") and not message.endswith(": None"), message
+    torch.save({name: w for name, w in load(quantize_int8_file(path, tmp_path), weights_only=True).items() if name != "quantization"},
+               folder / "codes.pth")
+    for name in ("codes.pth", "model_int4.g128.pth"):  # codes without the entry; the entry without codes
+        assert refused("--checkpoint_path", str(folder / name), "--mode", "int8") == (
+            f"error: {folder / name} is already quantized: quantize the unquantized model.pth")
+    for missing in ("layers.0.attention.wqkv.weight", "output.weight"):
+        torch.save({name: w for name, w in state.items() if name != missing}, folder / "partial.pth")
+        assert refused("--checkpoint_path", str(folder / "partial.pth"), "--mode", "int8") == (
+            f"error: {folder / 'partial.pth'} does not match model_config.json: no {missing}")
+
+
+def quantize_int8_file(path, tmp_path):
+    out = tmp_path / "int8.pth"
+    quantize.main(["--checkpoint_path", str(path), "--mode", "int8", "--output", str(out)])
+    return out
+
+
+def test_quantize_help_says_what_each_flag_does(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        quantize.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert exit_.value.code == 0
+    for text in ("Weight-only quantization of a converted checkpoint: int8 per output channel, or int4 in groups.",
+                 "a converted model.pth", "int4: input columns per scale",
+                 "default: model_int8.pth / model_int4.g{G}.pth beside the checkpoint"):
+        assert text in help_text, text
+
+
+def test_load_model_reads_safely_picks_the_dtype_and_shards_on_meta(quantized, checkpoints, tmp_path, monkeypatch):
+    """The checkpoint is read memory-mapped, weights only, onto the CPU. dtype None: float32 on a CPU
+    but bfloat16 for a quantized file, bfloat16 on CUDA; int4 on CUDA refuses other activations.
+    (No GPU is needed: the model's final move is recorded, and stays on the CPU.) A shard hook sees
+    the meta model, the state and the quantization entry, under the meta device, and what it
+    returns is what gets loaded. A bad file and a config mismatch are reported in one line."""
+    import re
+    from model import Transformer
+    path, int8, int4 = checkpoints("llama2")[0], quantized("llama2", "int8"), quantized("llama2", "int4")
+    loads, moves, shards = [], [], []
+    load, to = torch.load, Transformer.to
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(kwargs) or load(*args, **kwargs))
+
+    def dtype_of(*args, **kwargs):
+        return load_model(*args, **kwargs).tok_embeddings.weight.dtype
+
+    assert [dtype_of(path), dtype_of(path, dtype=None), dtype_of(int8), dtype_of(int8, dtype=None)] == [
+        torch.float32, torch.float32, torch.float32, torch.bfloat16]
+    assert loads == [dict(mmap=True, weights_only=True, map_location="cpu")] * 4
+
+    monkeypatch.setattr(Transformer, "to", lambda self, **kwargs: moves.append(kwargs) or to(self, dtype=kwargs["dtype"]))
+    for checkpoint, device, dtype, expected in ((path, "cuda", None, torch.bfloat16), (path, "cuda:1", torch.float32, torch.float32),
+                                                (int8, "cuda", torch.float32, torch.float32), (int4, "cuda", None, torch.bfloat16),
+                                                (int4, "cpu", torch.float32, torch.float32)):
+        moves.clear()
+        load_model(checkpoint, device, dtype)
+        assert moves == [dict(device=device, dtype=expected)], (checkpoint, device, dtype)
+    for dtype in (torch.float32, torch.float16):
+        name = str(dtype).removeprefix("torch.")
+        with pytest.raises(ValueError, match=f"^int4 on CUDA runs with bfloat16 activations only, not {name}$"):
+            load_model(int4, "cuda:0", dtype)
+    monkeypatch.setattr(Transformer, "to", to)
+
+    def shard(model, state, quantization):
+        shards.append((type(model), model.tok_embeddings.weight.device.type, torch.empty(1).device.type, quantization))
+        return {**state, "tok_embeddings.weight": 2 * state["tok_embeddings.weight"]}
+
+    model = load_model(int8, shard=shard)
+    assert shards == [(Transformer, "meta", "meta", {"mode": "int8", "groupsize": None, "version": QUANTIZATION_VERSION})]
+    assert torch.equal(model.tok_embeddings.weight, 2 * load(int8, weights_only=True)["tok_embeddings.weight"])
+
+    folder = tmp_path / "bad"
+    shutil.copytree(path.parent, folder)
+    state = load(path, weights_only=True)
+    torch.save({**state, "quantization": "int8"}, folder / "foreign.pth")
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'foreign.pth'}: quantized file format 'int8' is not the one this engine reads")):
+        load_model(folder / "foreign.pth")
+    (folder / "truncated.pth").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError) as error:
+        load_model(folder / "truncated.pth")
+    message = str(error.value)
+    assert message.startswith(f"cannot read checkpoint {folder / 'truncated.pth'}: ") and len(message.splitlines()) == 1
+    assert not message.endswith(": None")
+    config = json.loads((folder / "model_config.json").read_text())
+    (folder / "model_config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(ValueError) as error:
+        load_model(folder / "model.pth")
+    prefix = f"checkpoint {folder / 'model.pth'} does not match model_config.json: "
+    detail = str(error.value).removeprefix(prefix)
+    mismatches = re.findall(r"size mismatch for ([\w.]+):", detail)  # the first two lines of torch's report, on one line
+    assert str(error.value).startswith(prefix) and mismatches == ["layers.0.feed_forward.w1.weight", "layers.0.feed_forward.w3.weight"]
+    assert detail.startswith("size mismatch for layers.0.feed_forward.w1.weight: copying a param with shape torch.Size([160, 64])")
+    assert ". size mismatch for layers.0.feed_forward.w3.weight" in detail and "\n" not in detail

@@ -246,7 +246,8 @@ def test_decoding_functions_bind_the_settings_and_compile_what_the_device_needs(
 def test_measure_step_seconds_is_the_median_of_the_timed_rounds(monkeypatch):
     """A fake clock that each step advances by a scripted duration: the first round is not timed,
     the others give the median (index repeats // 2 of the sorted times); every pass runs in
-    inference mode on (batch, 1) tokens at position 0 and reads back the accepted counts."""
+    inference mode on (batch, 1) placeholder tokens on the model's device and reads back the
+    accepted counts."""
     import self_spec
     clock = [0.0]
     monkeypatch.setattr(self_spec.time, "perf_counter", lambda: clock[0])
@@ -261,17 +262,87 @@ def test_measure_step_seconds_is_the_median_of_the_timed_rounds(monkeypatch):
     def step(k):
         def run(model, token, pos):
             assert torch.is_inference_mode_enabled()
-            assert token.shape == (3, 1) and token.dtype == torch.long and not token.any()
-            assert pos.shape == (3,) and pos.dtype == torch.long and not pos.any()
+            assert token.shape == (3, 1) and token.dtype == torch.long and token.device.type == "meta"
+            assert pos.shape == (3,) and pos.dtype == torch.long and pos.device.type == "meta"
             calls.append(k)
             clock[0] += next(durations[k])
             return None, Accepted()
         return run
 
     from model import ModelArgs
-    model = Transformer(ModelArgs(vocab_size=8, dim=8, n_layer=1, n_head=1, n_kv_head=1, head_dim=8, intermediate_size=8))
+    with torch.device("meta"):  # the placeholders go where the model is
+        model = Transformer(ModelArgs(vocab_size=8, dim=8, n_layer=1, n_head=1, n_kv_head=1, head_dim=8, intermediate_size=8))
     seconds = self_spec.measure_step_seconds(model, {0: step(0), 2: step(2)}, 3, repeats=4)
     assert seconds == {0: 3.0, 2: 9.0}  # sorted: [1, 2, 3, 5] and [7, 8, 9, 50]
     assert calls == [0, "tolist", 2, "tolist"] * 5  # rounds over every k
     durations = {0: iter([100.0, 6, 1, 5, 2, 4, 3, 7]), 2: iter([0.0] * 8)}  # the default: 7 timed rounds
     assert self_spec.measure_step_seconds(model, {0: step(0), 2: step(2)}, 3) == {0: 4.0, 2: 0.0}
+
+
+def test_speculative_generate_binds_the_sampling_the_step_and_the_policy(checkpoints, monkeypatch):
+    """top_k = 1 samples the argmax at any temperature, so the output is the greedy one only if
+    top_k reaches the prefill and every step; the step given is the one used, with k bound; a fixed
+    k measures nothing, "auto" measures the steps of AUTO_K once at batch size 1 and lets the
+    policy choose (here every draft is right: it climbs to the largest k)."""
+    import self_spec
+    from self_spec import speculative_step
+    model = late_layers_silenced(load_model(checkpoints("llama2")[0]), 2)
+    prompt = torch.tensor([1, 40, 41, 42])
+    reference, _ = greedy(model, prompt, max_new=40)
+    measured = []
+
+    def measure(model_, steps, batch_size):
+        measured.append((model_, sorted(steps), batch_size))
+        return dict(COSTS)
+
+    monkeypatch.setattr(self_spec, "measure_step_seconds", measure)
+    ks = []
+
+    def step(*args, **kwargs):
+        ks.append(kwargs["k"])
+        return speculative_step(*args, **kwargs)
+
+    model.setup_caches(1, len(prompt) + 40 + max(AUTO_K) + 1, 2)
+    with torch.inference_mode():
+        tokens, stats = speculative_generate(model, prompt, 40, 3, temperature=1.5, top_k=1, eos_id=-1, step_fn=step)
+        assert tokens == reference and set(ks) == {3} and stats["k_steps"] == {3: len(ks)} and measured == []
+        assert stats["acceptance_rate"] == 1.0  # the drafts too are sampled with top_k = 1
+        tokens, stats = speculative_generate(model, prompt, 40, "auto", temperature=0, top_k=None, eos_id=-1)
+    assert tokens == reference and measured == [(model, sorted(AUTO_K), 1)]
+    assert stats["acceptance_rate"] == 1.0 and stats["k_steps"][max(AUTO_K)] >= 3, stats
+
+
+def test_adaptive_k_waits_first_wait_again_once_a_probe_brings_drafting_back():
+    """Hard text (probes ever further apart), then easy text (a probe is accepted: drafting takes
+    over), then hard again: the first probe comes after first_wait autoregressive steps, not after
+    the long wait the earlier failures built up. survival() has one entry per draft position."""
+    policy = AdaptiveK(COSTS)
+    assert len(policy.survival()) == max(COSTS) + 1
+    simulate(policy, lambda k: 0, 60)
+    assert policy.wait >= 32
+    assert simulate(policy, lambda k: k, 100)[-10:] == [8] * 10
+    chosen = simulate(policy, lambda k: 0, 40)
+    first_ar = chosen.index(0)
+    assert chosen[first_ar: first_ar + 5] == [0] * 4 + [policy.probe] and policy.probe > 0, chosen  # 4 = first_wait
+    assert len(policy.survival()) == max(COSTS) + 1
+
+
+def test_uniform_draws_at_the_ends_of_the_interval(checkpoints, monkeypatch):
+    """Greedy self-speculation with every uniform draw pinned: at 0 a draft the full model gives
+    probability 0 is still refused (accept when u q < p, not u q <= p); at 1 (u < 1 is all that
+    accepts a draft with p = q) every draft is refused even where p = q exactly (late layers
+    silenced), which leaves no residual mass: the token then comes from p itself. Either way the
+    tokens are the autoregressive ones."""
+    prompt = torch.tensor([1, 40, 41, 42])
+    model = load_model(checkpoints("llama2")[0])
+    reference, _ = greedy(model, prompt, max_new=20)
+    rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *shape, device=None: torch.zeros(*shape, device=device))
+    tokens, stats = greedy(model, prompt, 2, k=3, max_new=20)
+    assert tokens == reference and stats["acceptance_rate"] < 0.9
+    silenced = late_layers_silenced(model, 2)
+    reference, _ = greedy(silenced, prompt, max_new=20)
+    monkeypatch.setattr(torch, "rand", lambda *shape, device=None: torch.ones(*shape, device=device))
+    tokens, stats = greedy(silenced, prompt, 2, k=3, max_new=20)
+    assert tokens == reference and stats["acceptance_rate"] == 0 and len(set(tokens)) > 3
+    monkeypatch.setattr(torch, "rand", rand)
