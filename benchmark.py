@@ -1031,7 +1031,7 @@ def plot_sweep(cells: list[dict], layers: list[int], ks: list[int], path: Path, 
     best = max(cells, key=lambda c: c["speedup"])
     fig, axes = plt.subplots(1, 2, figsize=(2.4 + 1.3 * len(ks), 1.6 + 0.55 * len(layers)), squeeze=False)
     panels = (("speedup", "measured speedup (acceptance)"), ("predicted_speedup", "cost model's prediction"))
-    for ax, (key, panel_title) in zip(axes[0], panels):
+    for i, (ax, (key, panel_title)) in enumerate(zip(axes[0], panels)):
         image = ax.imshow([[grid[e, k][key] for k in ks] for e in layers], cmap="RdYlGn", norm=norm, aspect="auto")
         for y, e in enumerate(layers):
             for x, k in enumerate(ks):
@@ -1041,7 +1041,9 @@ def plot_sweep(cells: list[dict], layers: list[int], ks: list[int], path: Path, 
         ax.add_patch(plt.Rectangle((ks.index(best["k"]) - 0.5, layers.index(best["draft_layers"]) - 0.5), 1, 1,
                                    fill=False, lw=2))
         ax.set_xticks(range(len(ks)), ks)
-        ax.set_yticks(range(len(layers)), [f"E={e} (a={grid[e, ks[0]]['estimated_acceptance']:.2f})" for e in layers])
+        # the rows are the same exit layers in both panels: labelled once, on the left
+        ax.set_yticks(range(len(layers)), [f"E={e} (a={grid[e, ks[0]]['estimated_acceptance']:.2f})" for e in layers]
+                      if i == 0 else [])
         ax.set(xlabel="k (tokens drafted per step)", title=panel_title)
     fig.colorbar(image, ax=axes[0].tolist(), label="speedup over autoregressive")
     fig.suptitle(title, fontsize=9)
