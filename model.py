@@ -172,9 +172,11 @@ class Transformer(nn.Module):
 
 class Linear(nn.Linear):
     """nn.Linear, but for one row of float32 on a CPU under torch.compile written as a reduction.
-    For one row (a decode step, a draft) MKL runs a matrix-vector product on one thread at about
-    23 GB/s on the development machine, where the reduction inductor generates streams the weight
-    at 37 GB/s on one thread and 48 GB/s on two (BENCHMARKS.md, quantization section)."""
+    For one row (a decode step, a draft) MKL runs a matrix-vector product that a second thread
+    barely speeds up; the reduction inductor generates streams the weight faster, more so on two
+    threads (an 8192 x 2048 layer: 18.0 against 15.9 GB/s on one thread, 23.6 against 17.6 on two;
+    BENCHMARKS.md section 12). Two or more rows stay with MKL: a reduction would read the weight
+    once per row."""
 
     def forward(self, x: Tensor) -> Tensor:
         one_row = x.numel() == x.shape[-1]
