@@ -3,6 +3,7 @@ what batch 1 gives it - token for token under greedy decoding, in distribution u
 over several steps of self-speculation (the token after k accepted drafts included)."""
 import math
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -187,6 +188,12 @@ def test_batched_sampling_has_the_full_model_distribution_over_several_steps():
 
 # --- found by mutation testing (setup.cfg) ---------------------------------------------------------
 
+def stand_in_model(context: int, device: str = "cpu") -> SimpleNamespace:
+    """What generate_batch reads of a model (its device and context), for scripted steps."""
+    return SimpleNamespace(tok_embeddings=SimpleNamespace(weight=torch.empty(0, device=device)),
+                           args=SimpleNamespace(max_seq_length=context))
+
+
 def test_loop_bookkeeping_on_a_scripted_model():
     """generate_batch on a stand-in model whose text is known in advance: the token at position p of
     prompt i is 1000 (i + 1) + p, and a step with k drafts from token t accepts (7 t) mod (k + 1).
@@ -196,7 +203,6 @@ def test_loop_bookkeeping_on_a_scripted_model():
     (ending at EOS, its budget - cut by the context - or a stop hook, tokens of the same step kept)
     and its statistics, against the same rules applied to the steps it took."""
     import time
-    from types import SimpleNamespace
     context, max_new, ks = 14, 6, [3, 0, 2, 3]
     lengths = [3, 1, 10, 5, 13, 4, 2]  # budgets: 2 and 4 cut by the context, 4 done at its first token
     prompts = [[1000 * (i + 1) + p for p in range(n)] for i, n in enumerate(lengths)]
@@ -205,7 +211,7 @@ def test_loop_bookkeeping_on_a_scripted_model():
     def stop(index, tokens):
         return index == 0 and len(tokens) >= 2
 
-    model = SimpleNamespace(tok_embeddings=SimpleNamespace(weight=torch.zeros(1)), args=SimpleNamespace(max_seq_length=context))
+    model = stand_in_model(context)
     events = []
 
     def prefill_fn(model_, idx, lengths_t, rows):
@@ -392,8 +398,7 @@ def test_prefill_and_steps_make_their_tensors_on_the_models_device():
 def test_the_loop_keeps_its_state_on_the_models_device():
     """Tokens, positions and row indices live on the model's device (here meta, standing in for a
     GPU); only what a step reads back comes to the host. A stand-in prefill and step check it."""
-    from types import SimpleNamespace
-    model = SimpleNamespace(tok_embeddings=SimpleNamespace(weight=torch.empty(0, device="meta")), args=SimpleNamespace(max_seq_length=16))
+    model = stand_in_model(16, "meta")
     seen = []
 
     def prefill_fn(model_, idx, lengths, rows):
