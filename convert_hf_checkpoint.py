@@ -106,12 +106,12 @@ def download(repo_id: str, checkpoint_dir: Optional[Path]) -> Path:
     return target
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.error = fail
     parser.add_argument("--checkpoint_dir", type=Path, help="folder with config.json, weights and tokenizer.model")
     parser.add_argument("--repo_id", help="download this hub repo first (e.g. facebook/layerskip-llama3.2-1B)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.checkpoint_dir is None and args.repo_id is None:
         parser.error("give --checkpoint_dir, --repo_id or both")
     try:

@@ -30,32 +30,40 @@ def test_command_line_converts_a_sharded_checkpoint(tmp_path):
     assert not list(folder.glob("*.tmp"))
 
 
-def test_bad_folders_give_one_clear_line(tmp_path):
+def test_bad_folders_give_one_clear_line(tmp_path, capsys):
+    """In process (the script itself runs in the tests above and for the hub's error below)."""
     folder = tmp_path / "hf"
     make_hf_checkpoint(folder, "llama2", "safetensors")
-    cases = []
+
+    def error_line(*flags: str) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            convert_hf_checkpoint.main(list(flags))
+        lines = capsys.readouterr().err.strip().splitlines()  # a progress bar may come first
+        assert exit_.value.code != 0 and lines[-1].startswith("error: "), lines
+        assert not any(line.startswith("error: ") for line in lines[:-1]), lines
+        return lines[-1]
+
     (tmp_path / "empty").mkdir()
-    cases.append((["--checkpoint_dir", str(tmp_path / "empty")], "no config.json"))
+    assert "no config.json" in error_line("--checkpoint_dir", str(tmp_path / "empty"))
     (folder / "tokenizer.model").rename(tmp_path / "tokenizer.model")
-    cases.append((["--checkpoint_dir", str(folder)], "no tokenizer.model"))
-    proc_results = [(run_convert(*flags), message) for flags, message in cases]
+    assert "no tokenizer.model" in error_line("--checkpoint_dir", str(folder))
     (tmp_path / "tokenizer.model").rename(folder / "tokenizer.model")
     weights = folder / "model.safetensors"
     weights.rename(tmp_path / "weights")
-    proc_results.append((run_convert("--checkpoint_dir", str(folder)), "no *.safetensors or pytorch_model*.bin"))
+    assert "no *.safetensors or pytorch_model*.bin" in error_line("--checkpoint_dir", str(folder))
     from safetensors.torch import load_file, save_file
     state = load_file(tmp_path / "weights")
     del state["model.layers.3.mlp.up_proj.weight"]
     save_file(state, weights)
-    proc_results.append((run_convert("--checkpoint_dir", str(folder)), "missing weight"))
-    proc_results.append((run_convert("--repo_id", "facebook/layerskip-llama3.2-1B",
-                                     "--checkpoint_dir", str(tmp_path / "hub")), "cannot download"))
-    proc_results.append((run_convert(), "give --checkpoint_dir, --repo_id or both"))
-    for proc, message in proc_results:
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode != 0 and lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
-        assert "Traceback" not in proc.stderr
+    assert "missing weight" in error_line("--checkpoint_dir", str(folder))
+    assert "give --checkpoint_dir, --repo_id or both" in error_line()
     assert not (folder / "model.pth").exists()
+    # the hub, offline: in a child process, where HF_HUB_OFFLINE is read before the hub's client starts
+    proc = run_convert("--repo_id", "facebook/layerskip-llama3.2-1B", "--checkpoint_dir", str(tmp_path / "hub"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and lines[-1].startswith("error: ") and "cannot download" in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
