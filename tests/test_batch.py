@@ -286,6 +286,8 @@ def test_loop_bookkeeping_on_a_scripted_model():
         budget = min(max_new, context - lengths[i])
         expected = [1000 * (i + 1) + lengths[i]]
         for k, n in taken[i]:
+            # no step after one of the rules held: the hook called with this prompt's index ends it
+            assert not (expected[-1] == eos or len(expected) == budget or stop(i, expected)), i
             new = [expected[-1] + 1 + j for j in range(n + 1)]
             if eos in new:
                 new = new[: new.index(eos) + 1]
@@ -395,11 +397,19 @@ def test_prefill_and_steps_make_their_tensors_on_the_models_device():
             assert {t.device.type for t in (out, n, next_token, next_pos)} == {"meta"}
 
 
-def test_the_loop_keeps_its_state_on_the_models_device():
-    """Tokens, positions and row indices live on the model's device (here meta, standing in for a
-    GPU); only what a step reads back comes to the host. A stand-in prefill and step check it."""
+def test_the_loop_keeps_its_state_on_the_models_device(monkeypatch):
+    """Tokens, positions, row indices and the mask that parks idle rows live on the model's device
+    (here meta, standing in for a GPU); only what a step reads back comes to the host. A stand-in
+    prefill and step check it."""
     model = stand_in_model(16, "meta")
     seen = []
+    masked_fill = torch.Tensor.masked_fill_
+
+    def recording_masked_fill(self, mask, value):  # how the loop parks idle rows: their mask too
+        seen.extend(t.device.type for t in (self, mask))
+        return masked_fill(self, mask, value)
+
+    monkeypatch.setattr(torch.Tensor, "masked_fill_", recording_masked_fill)
 
     def prefill_fn(model_, idx, lengths, rows):
         seen.extend(t.device.type for t in (idx, lengths, rows))
@@ -410,4 +420,5 @@ def test_the_loop_keeps_its_state_on_the_models_device():
         return torch.full((2, 1), 7), torch.zeros(2, dtype=torch.long), token + 0, pos + 1
 
     results = generate_batch(model, [[1, 2], [3], [4, 5]], 3, prefill_fn=prefill_fn, steps={0: step}, eos_id=-1, batch_size=2)
-    assert [r["generated_tokens"] for r in results] == [[7, 7, 7]] * 3 and set(seen) == {"meta"} and len(seen) == 3 * 2 + 2 * 4
+    assert [r["generated_tokens"] for r in results] == [[7, 7, 7]] * 3 and set(seen) == {"meta"}
+    assert len(seen) == 3 * 2 + 2 * 4 + 2 * 2  # two prefills, four steps, the last two with a row parked

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common import generate
-from model import ModelArgs, load_model
+from model import ModelArgs, Transformer, load_model
 from tokenizer import load_tokenizer
 
 PROMPT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
@@ -67,3 +67,24 @@ def test_stale_cache_entries_are_never_read(checkpoints):
             layer.attention.kv_cache.v[:, :, 10:].normal_()
         again = model(ids, torch.arange(10)[None])
     assert torch.equal(clean, again)
+
+
+
+def test_caches_take_the_activations_dtype_and_device():
+    """setup_caches allocates in the embedding's dtype and on its device (meta stands in for a GPU):
+    a bfloat16 model's caches are bfloat16, half a float32 cache's memory, and a forward pass reads
+    them; the row index that writes the exit cache lives on the device too."""
+    args = ModelArgs(vocab_size=32, dim=16, n_layer=2, n_head=2, n_kv_head=1, head_dim=8, intermediate_size=32)
+    for device, dtype in (("cpu", torch.bfloat16), ("meta", torch.float32)):
+        with torch.device(device):
+            model = Transformer(args).to(dtype)
+        model.setup_caches(3, 20, exit_layer=1)
+        caches = [t for layer in model.layers for t in (layer.attention.kv_cache.k, layer.attention.kv_cache.v)]
+        assert all(t.shape == (3, 1, 20, 8) for t in caches) and model.exit_cache.shape == (3, 20, 16)
+        for t in [*caches, model.exit_cache]:
+            assert t.device.type == device and t.dtype == dtype, (device, t.dtype)
+        assert model.every_row.device.type == device and model.every_row.shape == (3, 1)
+        if device == "cpu":
+            with torch.inference_mode():
+                logits = model(torch.tensor([[1, 2]] * 3), torch.tensor([[0, 1]] * 3))
+            assert logits.dtype == torch.bfloat16 and logits.shape == (3, 2, 32) and model.exit_cache[:, :2].any()

@@ -267,6 +267,13 @@ def test_quantize_state_notes_the_layers_a_kernel_cannot_run_as_they_are(capsys)
         "layers.0.feed_forward.w3: 40 input columns, not a multiple of the group size 32: kept unquantized",
         "output: 40 input columns, not a multiple of the group size 32: kept unquantized"]
     assert torch.equal(out["output.weight"], state["output.weight"]) and out["layers.0.feed_forward.w2.codes"].shape == (40, 32)
+    # 32 wide: every layer's rows and columns are multiples of 16 and of the group size, nothing to note
+    args = ModelArgs(vocab_size=64, dim=32, n_layer=1, n_head=2, n_kv_head=1, head_dim=16, intermediate_size=64)
+    state = {name: torch.randn([32 if n == 40 else n for n in shape]) for name, shape in shapes.items()}
+    for mode, groupsize in (("int8", None), ("int4", 32)):
+        out, notes = quantize.quantize_state(state, args, mode, groupsize)
+        assert notes == [] and not any(name.endswith(".weight") and name != "tok_embeddings.weight" and "norm" not in name
+                                       for name in out), (mode, notes)
 
 
 def test_int4_pack_pads_rows_and_tiles_for_each_kernel():
@@ -374,6 +381,11 @@ def test_quantize_main_reports_on_stderr_and_refuses_what_it_cannot_use(checkpoi
     assert "quantizing to int4: 100%" in err and len(notes) == 31
     assert lines[-32:] == [f"note: {note}" for note in notes] + [f"wrote {output}: {megabytes[0]:.1f} MB (from {megabytes[1]:.1f} MB)"]
     assert megabytes[0] > 0.1
+    int8 = quantize_int8_file(path, tmp_path)  # every layer quantized: the two sizes differ
+    megabytes = [sum(t.nbytes for t in s.values() if isinstance(t, torch.Tensor)) / 1e6
+                 for s in (load(int8, weights_only=True), state)]
+    assert capsys.readouterr().err.strip().split("\n")[-1] == f"wrote {int8}: {megabytes[0]:.1f} MB (from {megabytes[1]:.1f} MB)"
+    assert megabytes[0] < 0.6 * megabytes[1]
 
     def refused(*flags: str) -> str:
         capsys.readouterr()
@@ -414,12 +426,12 @@ def quantize_int8_file(path, tmp_path):
 def test_quantize_help_says_what_each_flag_does(capsys):
     with pytest.raises(SystemExit) as exit_:
         quantize.main(["--help"])
-    help_text = " ".join(capsys.readouterr().out.split())
+    help_text = " ".join(capsys.readouterr().out.split()) + " "
     assert exit_.value.code == 0
     for text in ("Weight-only quantization of a converted checkpoint: int8 per output channel, or int4 in groups.",
-                 "a converted model.pth", "int4: input columns per scale",
-                 "default: model_int8.pth / model_int4.g{G}.pth beside the checkpoint"):
-        assert text in help_text, text
+                 "CHECKPOINT_PATH a converted model.pth --mode", "{32,64,128,256} int4: input columns per scale --output",
+                 "OUTPUT default: model_int8.pth / model_int4.g{G}.pth beside the checkpoint"):
+        assert f" {text} " in help_text, text  # whole, nothing added at either end
 
 
 def test_load_model_reads_safely_picks_the_dtype_and_shards_on_meta(quantized, checkpoints, tmp_path, monkeypatch):

@@ -143,6 +143,8 @@ def test_adaptive_k_climbs_when_drafts_are_right_and_probes_ever_less_often_when
     assert gaps[:5] == [4, 8, 16, 32, 64] and set(gaps[5:]) == {64}
     # With no evidence and autoregressive decoding the best guess, the very first step probes.
     assert simulate(AdaptiveK({0: 1.0, 1: 3.0, 2: 5.0, 4: 9.0, 6: 13.0, 8: 17.0}), lambda k: 0, 1) == [4]
+    # the probe is the middle of the drafting ks, whichever they are (an AR step is not one of them)
+    assert simulate(AdaptiveK({0: 1.0, 1: 3.0, 2: 5.0}), lambda k: 0, 1) == [2]
     # the text turns easy again: the next probe is accepted and drafting takes over
     policy = AdaptiveK(COSTS)
     simulate(policy, lambda k: 0, 30)
@@ -280,8 +282,8 @@ def test_measure_step_seconds_is_the_median_of_the_timed_rounds(monkeypatch):
 
 
 def test_speculative_generate_binds_the_sampling_the_step_and_the_policy(checkpoints, monkeypatch):
-    """top_k = 1 samples the argmax at any temperature, so the output is the greedy one only if
-    top_k reaches the prefill and every step; the step given is the one used, with k bound; a fixed
+    """top_k = 1 samples the argmax at any temperature, so at a temperature that makes every token
+    about equally likely the output is the greedy one only if top_k reaches the prefill and every step; the step given is the one used, with k bound; a fixed
     k measures nothing, "auto" measures the steps of AUTO_K once at batch size 1 and lets the
     policy choose (here every draft is right: it climbs to the largest k)."""
     import self_spec
@@ -304,7 +306,7 @@ def test_speculative_generate_binds_the_sampling_the_step_and_the_policy(checkpo
 
     model.setup_caches(1, len(prompt) + 40 + max(AUTO_K) + 1, 2)
     with torch.inference_mode():
-        tokens, stats = speculative_generate(model, prompt, 40, 3, temperature=1.5, top_k=1, eos_id=-1, step_fn=step)
+        tokens, stats = speculative_generate(model, prompt, 40, 3, temperature=1e4, top_k=1, eos_id=-1, step_fn=step)
         assert tokens == reference and set(ks) == {3} and stats["k_steps"] == {3: len(ks)} and measured == []
         assert stats["acceptance_rate"] == 1.0  # the drafts too are sampled with top_k = 1
         tokens, stats = speculative_generate(model, prompt, 40, "auto", temperature=0, top_k=None, eos_id=-1)
@@ -346,3 +348,29 @@ def test_uniform_draws_at_the_ends_of_the_interval(checkpoints, monkeypatch):
     tokens, stats = greedy(silenced, prompt, 2, k=3, max_new=20)
     assert tokens == reference and stats["acceptance_rate"] == 0 and len(set(tokens)) > 3
     monkeypatch.setattr(torch, "rand", rand)
+
+
+def test_warm_up_runs_the_prefill_and_every_step_once_on_the_device():
+    """Before anything is timed, warm_up runs (so compiles) the prefill on a two-token placeholder
+    and each step once on batch-size rows at position 0, all in inference mode and on the model's
+    device (meta standing in for a GPU); it returns the seconds that took."""
+    import time
+
+    from self_spec import warm_up
+    from test_batch import stand_in_model
+    for device in ("cpu", "meta"):
+        model, calls = stand_in_model(16, device), []
+
+        def record(name, model_, *tensors):
+            assert model_ is model and torch.is_inference_mode_enabled()
+            calls.append((name, [(t.device.type, t.dtype, tuple(t.shape), t.tolist() if device == "cpu" else None)
+                                 for t in tensors]))
+
+        start = time.perf_counter()
+        seconds = warm_up(model, partial(record, "prefill"), {0: partial(record, 0), 3: partial(record, 3)}, batch_size=4)
+        assert 0 <= seconds <= time.perf_counter() - start
+        values = (lambda v: v) if device == "cpu" else (lambda v: None)
+        step = [(device, torch.long, (4, 1), values([[0]] * 4)), (device, torch.long, (4,), values([0] * 4))]
+        assert calls == [("prefill", [(device, torch.long, (1, 2), values([[0, 0]])), (device, torch.long, (1,), values([2])),
+                                      (device, torch.long, (1,), values([0]))]),
+                         (0, step), (3, step)], device
