@@ -218,8 +218,11 @@ def test_interrupted_run_keeps_what_it_finished_and_resume_completes_it(checkpoi
     capsys.readouterr()
     generate.main([*flags, "--output", str(whole)])
     out = tmp_path / "out.jsonl"
+    # Ctrl-C's default action in the child even where this process ignores SIGINT (a shell's
+    # background job), which the child would otherwise inherit
     proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), *flags, "--output", str(out), "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         if out.is_file() and out.read_text().count("\n") >= 3:
