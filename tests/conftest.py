@@ -6,6 +6,7 @@ tiktoken). Each is saved as safetensors (llama32 sharded, with an index) or as a
 """
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -74,3 +75,9 @@ def checkpoints(tmp_path_factory):
         return made[style, fmt]
 
     return get
+
+
+def stand_in_model(context: int, device: str = "cpu") -> SimpleNamespace:
+    """What generate_batch reads of a model (its device and context), for scripted steps."""
+    return SimpleNamespace(tok_embeddings=SimpleNamespace(weight=torch.empty(0, device=device)),
+                           args=SimpleNamespace(max_seq_length=context))

@@ -3,13 +3,12 @@ what batch 1 gives it - token for token under greedy decoding, in distribution u
 over several steps of self-speculation (the token after k accepted drafts included)."""
 import math
 from functools import partial
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from common import decode_one_token, generate, generate_batch, logits_to_probs, prefill
-from conftest import N_LAYER
+from conftest import N_LAYER, stand_in_model
 from model import ModelArgs, Transformer, load_model
 from self_spec import AUTO_K, AdaptiveK, measure_step_seconds, speculative_generate, speculative_steps
 
@@ -187,12 +186,6 @@ def test_batched_sampling_has_the_full_model_distribution_over_several_steps():
 
 
 # --- found by mutation testing (setup.cfg) ---------------------------------------------------------
-
-def stand_in_model(context: int, device: str = "cpu") -> SimpleNamespace:
-    """What generate_batch reads of a model (its device and context), for scripted steps."""
-    return SimpleNamespace(tok_embeddings=SimpleNamespace(weight=torch.empty(0, device=device)),
-                           args=SimpleNamespace(max_seq_length=context))
-
 
 def test_loop_bookkeeping_on_a_scripted_model():
     """generate_batch on a stand-in model whose text is known in advance: the token at position p of

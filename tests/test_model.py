@@ -69,7 +69,6 @@ def test_stale_cache_entries_are_never_read(checkpoints):
     assert torch.equal(clean, again)
 
 
-
 def test_caches_take_the_activations_dtype_and_device():
     """setup_caches allocates in the embedding's dtype and on its device (meta stands in for a GPU):
     a bfloat16 model's caches are bfloat16, half a float32 cache's memory, and a forward pass reads

@@ -376,14 +376,16 @@ def test_quantize_main_reports_on_stderr_and_refuses_what_it_cannot_use(checkpoi
     state, written = load(path, weights_only=True), load(output, weights_only=True)
     assert written["quantization"]["groupsize"] == 128 and not any(name.endswith(".codes") for name in written)
     _, notes = quantize.quantize_state(state, ModelArgs.load(folder / "model_config.json"), "int4", 128)
-    megabytes = [sum(t.nbytes for t in s.values() if isinstance(t, torch.Tensor)) / 1e6 for s in (written, state)]
+    def megabytes_of(*states: dict) -> list[float]:
+        return [sum(t.nbytes for t in s.values() if isinstance(t, torch.Tensor)) / 1e6 for s in states]
+
+    megabytes = megabytes_of(written, state)
     lines = err.strip().split("\n")
     assert "quantizing to int4: 100%" in err and len(notes) == 31
     assert lines[-32:] == [f"note: {note}" for note in notes] + [f"wrote {output}: {megabytes[0]:.1f} MB (from {megabytes[1]:.1f} MB)"]
     assert megabytes[0] > 0.1
     int8 = quantize_int8_file(path, tmp_path)  # every layer quantized: the two sizes differ
-    megabytes = [sum(t.nbytes for t in s.values() if isinstance(t, torch.Tensor)) / 1e6
-                 for s in (load(int8, weights_only=True), state)]
+    megabytes = megabytes_of(load(int8, weights_only=True), state)
     assert capsys.readouterr().err.strip().split("\n")[-1] == f"wrote {int8}: {megabytes[0]:.1f} MB (from {megabytes[1]:.1f} MB)"
     assert megabytes[0] < 0.6 * megabytes[1]
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from common import generate, generate_batch, prefill
-from conftest import N_LAYER
+from conftest import N_LAYER, stand_in_model
 from model import Transformer, load_model
-from self_spec import AUTO_K, AdaptiveK, best_k, speculative_generate, speculative_steps
+from self_spec import AUTO_K, AdaptiveK, best_k, speculative_generate, speculative_steps, warm_up
 from test_generate import json_result, run_generate
 from tokenizer import load_tokenizer
 
@@ -283,9 +283,10 @@ def test_measure_step_seconds_is_the_median_of_the_timed_rounds(monkeypatch):
 
 def test_speculative_generate_binds_the_sampling_the_step_and_the_policy(checkpoints, monkeypatch):
     """top_k = 1 samples the argmax at any temperature, so at a temperature that makes every token
-    about equally likely the output is the greedy one only if top_k reaches the prefill and every step; the step given is the one used, with k bound; a fixed
-    k measures nothing, "auto" measures the steps of AUTO_K once at batch size 1 and lets the
-    policy choose (here every draft is right: it climbs to the largest k)."""
+    about equally likely the output is the greedy one only if top_k reaches the prefill and every
+    step; the step given is the one used, with k bound; a fixed k measures nothing, "auto" measures
+    the steps of AUTO_K once at batch size 1 and lets the policy choose (here every draft is right:
+    it climbs to the largest k)."""
     import self_spec
     from self_spec import speculative_step
     model = late_layers_silenced(load_model(checkpoints("llama2")[0]), 2)
@@ -355,9 +356,6 @@ def test_warm_up_runs_the_prefill_and_every_step_once_on_the_device():
     and each step once on batch-size rows at position 0, all in inference mode and on the model's
     device (meta standing in for a GPU); it returns the seconds that took."""
     import time
-
-    from self_spec import warm_up
-    from test_batch import stand_in_model
     for device in ("cpu", "meta"):
         model, calls = stand_in_model(16, device), []
 
