@@ -77,7 +77,8 @@ from torch import Tensor
 from common import (DTYPES, atomic_write, cache_length, check_exit_layer, completion_text, decode_one_token, fail,
                     generate_batch, read_prompts_file, weight_bytes)
 from model import ModelArgs, Transformer, load_model
-from self_spec import AUTO_K, AdaptiveK, decoding_functions, measure_step_seconds, parse_speculate_k, speculative_step
+from self_spec import (AUTO_K, AdaptiveK, allow_graphs, decoding_functions, measure_step_seconds, parse_speculate_k,
+                       speculative_step)
 
 ROOT = Path(__file__).resolve().parent
 SUMMARY_DATASETS = {  # name -> (hub repo, config, document field, summary field)
@@ -1255,7 +1256,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch._dynamo.config.recompile_limit = 256  # each (exit layer, k, batch size) is a graph of its own
     tmp = tempfile.TemporaryDirectory(prefix="benchmark-")
     try:
         return benchmark(args, argv, Path(tmp.name))
@@ -1276,6 +1276,9 @@ def benchmark(args: argparse.Namespace, argv: list[str], tmp: Path) -> dict:
     eos_id = tokenizer.eos_id if args.stop_at_eos else -1  # -1: no token ends a prompt early
     ks = args.sweep[1] if args.sweep else args.speculate_k
     fns = decoding(args, ks)
+    # each exit layer and batch size compiles every method's steps anew
+    allow_graphs(len(args.sweep[0] if args.sweep else [exit_layer]) * len(args.batch_size or [1])
+                 * sum(len(steps) for _, steps in fns.values()))
     length = cache_length([len(p["tokens"]) for p in prompts], args.max_new_tokens, model.args.max_seq_length, slack(ks))
     # The synthetic model's late layers are scaled from the exit layer on; a checkpoint stays as it is.
     variants = [({}, None)]

@@ -154,32 +154,41 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def fastest_threads(model: Transformer, steps: dict[int, Callable], batch_size: int) -> int:
-    """One thread or all of them, whichever runs this model's steps faster here, and set: a small
-    model spends a step in many small operations, where threads mostly wait for each other."""
+def fastest_threads(model: Transformer, step: Callable, batch_size: int) -> int:
+    """One thread or all of them, whichever runs this model's step faster here, and set: a small
+    model spends a step in many small operations, where threads mostly wait for each other. The
+    step is timed uncompiled: a compiled graph is specialised to the thread count, so timing
+    compiled steps at two counts would compile every step twice."""
     every, seconds = torch.get_num_threads(), {}
     for threads in (1, every):
         torch.set_num_threads(threads)
-        seconds[threads] = sum(measure_step_seconds(model, steps, batch_size, repeats=3).values())
+        seconds[threads] = measure_step_seconds(model, {0: step}, batch_size, repeats=3)[0]
     best = min(seconds, key=seconds.get)
     torch.set_num_threads(best)
-    print(f"threads: {best} (steps took {seconds[1] * 1e3:.1f} ms with one thread, {seconds[every] * 1e3:.1f} ms "
-          f"with {every}; --threads sets it)", file=sys.stderr)
+    print(f"threads: {best} (an uncompiled step took {seconds[1] * 1e3:.1f} ms with one thread, "
+          f"{seconds[every] * 1e3:.1f} ms with {every}; --threads sets it)", file=sys.stderr)
     return best
+
+
+def decoding_settings(args: argparse.Namespace) -> dict:
+    """What decoding_functions needs from the command line, but whether and how to compile."""
+    return dict(temperature=args.temperature, top_k=args.top_k, early_exit=args.early_exit is not None,
+                speculate_k=args.speculate_k if args.draft_layers else None)
 
 
 def prepare_run(args: argparse.Namespace, model: Transformer, prefill_fn: Callable, steps: dict[int, Callable],
                 length: int, exit_layer: Optional[int]) -> Optional[AdaptiveK]:
-    """Caches for batch_size rows of `length` positions; with --compile every step compiled before
-    anything is timed; on a CPU without --threads, the faster of one thread and all; with several
-    steps to choose from (--speculate_k auto), the policy that chooses, starting from what each
-    step measures here."""
+    """Caches for batch_size rows of `length` positions; on a CPU without --threads, the faster of
+    one thread and all (chosen once, before anything is compiled); with --compile every step
+    compiled before anything is timed; with several steps to choose from (--speculate_k auto), the
+    policy that chooses, starting from what each step measures here."""
     with torch.device(args.device):
         model.setup_caches(args.batch_size, length, exit_layer)
+    if args.threads is None and args.device == "cpu" and torch.get_num_threads() > 1:
+        uncompiled = decoding_functions(**decoding_settings(args))[1]
+        args.threads = fastest_threads(model, uncompiled[min(uncompiled)], args.batch_size)
     if args.compile:
         print(f"compilation (not timed): {warm_up(model, prefill_fn, steps, args.batch_size):.1f} s", file=sys.stderr)
-    if args.threads is None and args.device == "cpu" and torch.get_num_threads() > 1:
-        args.threads = fastest_threads(model, steps, args.batch_size)
     return AdaptiveK(measure_step_seconds(model, steps, args.batch_size)) if len(steps) > 1 else None
 
 
@@ -212,8 +221,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         fail(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")
 
     torch.manual_seed(args.seed)
-    prefill_fn, steps = decoding_functions(args.temperature, args.top_k, args.speculate_k if args.draft_layers else None,
-                                           args.early_exit is not None, args.compile, args.device, args.compile_prefill)
+    prefill_fn, steps = decoding_functions(**decoding_settings(args), compile=args.compile, device=args.device,
+                                           compile_prefill=args.compile_prefill)
     slack = max(steps) + 1
     context = model.args.max_seq_length
     generate_run = partial(generate_batch, model, prefill_fn=prefill_fn, steps=steps, eos_id=tokenizer.eos_id,
@@ -233,8 +242,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if len(prompt_tokens) >= context:
             fail(f"prompt is {len(prompt_tokens)} tokens; the model's context of {context} leaves no room")
         needed = cache_length([len(prompt_tokens)], args.max_new_tokens, context, slack)
-        if needed > allocated:  # grows for a longer prompt (and recompiles); kept otherwise
-            allocated = needed
+        if needed > allocated:  # grows for a longer prompt, at least doubling: each size compiles anew
+            allocated = min(max(needed, 2 * allocated), context + slack)
             policy = prepare_run(args, model, prefill_fn, steps, allocated, exit_layer)
         for _ in range(args.num_samples):
             stream = None

@@ -107,9 +107,25 @@ def decoding_functions(temperature: float, top_k: Optional[int], speculate_k: Un
     return partial(prefill_fn, early_exit=early_exit, **sampling), steps
 
 
+def allow_graphs(n: int) -> None:
+    """Lets dynamo compile one function into n graphs. The engine compiles each step as a graph of
+    fixed shapes: speculative_step once per k, and every step once more for each batch size,
+    cache length, exit layer and sampling setting a run uses. Past dynamo's default limit (8 graphs
+    per function) fullgraph=True turns the next compilation into a hard failure, so a run that asks
+    for more graphs (auto's five k at a second cache length, say) raises the limit to its count."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n)
+
+
+_warmed_graphs = 0  # graphs warm_up has compiled in this process: at most this many per function
+
+
 def warm_up(model: Transformer, prefill_fn: Callable, steps: dict[int, Callable], batch_size: int) -> float:
-    """Compiles every step for this batch size before anything is timed: each runs once on
-    placeholder tokens at position 0 (the prefill that follows overwrites what they wrote)."""
+    """Compiles every step for this batch size and the caches as they are set up, before anything
+    is timed: each runs once on placeholder tokens at position 0 (the prefill that follows
+    overwrites what they wrote). Each call may add one graph per step (allow_graphs)."""
+    global _warmed_graphs
+    _warmed_graphs += len(steps)
+    allow_graphs(_warmed_graphs)
     device = model.tok_embeddings.weight.device
     t0 = time.perf_counter()
     with torch.inference_mode():

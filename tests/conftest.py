@@ -4,6 +4,7 @@ Two styles, as the LayerSkip checkpoints come: "llama2" (untied head, multi-head
 SentencePiece) and "llama32" (tied embeddings, grouped-query attention, llama3 rope scaling,
 tiktoken). Each is saved as safetensors (llama32 sharded, with an index) or as a .bin.
 """
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -81,3 +82,12 @@ def stand_in_model(context: int, device: str = "cpu") -> SimpleNamespace:
     """What generate_batch reads of a model (its device and context), for scripted steps."""
     return SimpleNamespace(tok_embeddings=SimpleNamespace(weight=torch.empty(0, device=device)),
                            args=SimpleNamespace(max_seq_length=context))
+
+
+def write_task(folder, name: str, docs: list[dict], config: str) -> None:
+    """A harness task over a local JSONL file; datasets' cache goes into the test's folder."""
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / f'{name}.jsonl'}\n  cache_dir: {folder / 'hf_cache'}\n"
+        "test_split: test\n" + config)

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -r requirements-eval.txt)")
 
 import eval as engine_eval  # noqa: E402
-from conftest import N_LAYER, ROOT  # noqa: E402
+from conftest import N_LAYER, ROOT, write_task  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from common import generate_batch  # noqa: E402
 from model import load_model  # noqa: E402
@@ -149,15 +149,6 @@ def test_loglikelihood_rolling_scores_every_token_in_windows_of_the_context(tiny
 
 
 # --- whole harness runs of local tasks -----------------------------------------------------------
-
-def write_task(folder, name: str, docs: list[dict], config: str) -> None:
-    """A harness task over a local JSONL file; datasets' cache goes into the test's folder."""
-    (folder / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (folder / f"{name}.yaml").write_text(
-        f"task: {name}\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {folder / f'{name}.jsonl'}\n  cache_dir: {folder / 'hf_cache'}\n"
-        "test_split: test\n" + config)
-
 
 def run_eval(capsys, *argv: str) -> tuple[dict, str]:
     """eval.main in this process: (the JSON it wrote to --output, stdout)."""

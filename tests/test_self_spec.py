@@ -1,16 +1,19 @@
 """Self-speculative decoding returns exactly what the full model would, token for token under greedy
 decoding (the distribution under sampling: test_batch.py), and compiles to one graph."""
 import json
+import os
+import shutil
+import subprocess
+import sys
 from functools import partial
 
 import pytest
 import torch
 
 from common import generate, generate_batch, prefill
-from conftest import N_LAYER, stand_in_model
+from conftest import N_LAYER, ROOT, stand_in_model, write_task
 from model import Transformer, load_model
 from self_spec import AUTO_K, AdaptiveK, best_k, speculative_generate, speculative_steps, warm_up
-from test_generate import json_result, run_generate
 from tokenizer import load_tokenizer
 
 MAX_NEW = 37  # a multiple of none of k + 1 = 2, 4, 9
@@ -67,30 +70,75 @@ def test_eos_inside_a_step_and_max_new_tokens(checkpoints):
 
 # --- compiled: one graph, no host sync, no recompiles -----------------------------------------
 
-def test_compiled_steps_are_one_graph_and_exact(checkpoints, tmp_path):
-    """--compile compiles the step with fullgraph=True: any .item(), .tolist() or branch on a tensor
-    value inside it is a graph break and fails. Then it must replay without recompiling: across
-    steps, across the rows of a batch at different positions, and across refills."""
+def test_documented_combinations_compile_on_two_threads_one_graph_each_and_exact(checkpoints, tmp_path):
+    """The command lines as a user runs them, compiled, with two threads available and (but for one
+    run) no --threads, so that generate.py chooses the thread count itself: auto's five drafting k
+    and an autoregressive step, a fixed k, --num_samples, --interactive with a prompt that makes the
+    caches grow, --prompts_file with --batch_size, --early_exit, a quantized file, benchmark.py and
+    eval.py. None may end with a traceback or a non-zero exit. --compile compiles each step with
+    fullgraph=True, so any .item(), .tolist() or branch on a tensor value inside it fails; and a
+    step must replay without recompiling: across steps, rows at different positions, refills and
+    samples. Greedy outputs equal eager decoding's.
+    The runs go in parallel: most of their time is compilation, one core each."""
+    from quantize import main as quantize_main
     path, _ = checkpoints("llama2")
     texts = ["def add(a, b):", "class A:", "for i in range(3):"]
+    long_text = " ".join(texts * 2)  # longer than texts[1]: the interactive run's caches must grow
     tokenizer = load_tokenizer(path.parent / "tokenizer.model")
     model = load_model(path)
-    reference = [greedy(model, torch.tensor(tokenizer.encode(t)), eos_id=tokenizer.eos_id, max_new=30)[0] for t in texts]
-    env = {"TORCH_LOGS": "recompiles"}
-    common = ("--checkpoint_path", str(path), "--max_new_tokens", "30", "--temperature", "0")
-    proc = run_generate(*common, "--prompt", texts[0], "--compile", "--json", env=env)
-    assert json_result(proc)["samples"][0]["generated_tokens"] == reference[0]
+    encoded = [torch.tensor(tokenizer.encode(t)) for t in texts + [long_text]]
+    reference = [greedy(model, p, eos_id=tokenizer.eos_id)[0] for p in encoded]
+    model.setup_caches(1, len(encoded[0]) + MAX_NEW + 1, 2)  # --early_exit 2: layers [0, 2) and the head alone
+    with torch.inference_mode():
+        early = generate(model, encoded[0], MAX_NEW, temperature=0, top_k=None, eos_id=tokenizer.eos_id, early_exit=True)[0]
+    quantize_main(["--checkpoint_path", str(path), "--mode", "int8", "--output", str(tmp_path / "model_int8.pth")])
+    shutil.copy(path.parent / "model_config.json", tmp_path)
+    shutil.copy(path.parent / "tokenizer.model", tmp_path)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(texts) + "\n")
-    out = tmp_path / "out.jsonl"
-    spec = run_generate(*common, "--compile", "--draft_layers", "3", "--speculate_k", "3", "--prompts_file", str(prompts),
-                        "--batch_size", "2", "--output", str(out), env=env)
-    assert spec.returncode == 0, spec.stderr
-    records = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["index"])
-    assert [r["generated_tokens"] for r in records] == reference
-    for p in (proc, spec):
-        assert "compilation (not timed)" in p.stderr
-        assert "recompil" not in p.stderr.lower(), p.stderr[-2000:]
+    write_task(tmp_path, "tiny_gen", [{"prompt": t, "target": t} for t in texts],
+               "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{target}}'\n"
+               "generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: 8\n  do_sample: false\n"
+               "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    # One draft layer: the steps' graphs are smallest, and compiling them is most of the test's time.
+    common = ["--checkpoint_path", str(path), "--max_new_tokens", str(MAX_NEW), "--temperature", "0", "--compile"]
+    scripts = {
+        "auto": ("generate.py", *common, "--prompt", texts[0], "--draft_layers", "1", "--num_samples", "2", "--json"),
+        "interactive": ("generate.py", *common, "--interactive", "--draft_layers", "1", "--speculate_k", "3", "--json"),
+        "batch": ("generate.py", *common, "--draft_layers", "1", "--speculate_k", "3", "--prompts_file", str(prompts),
+                  "--batch_size", "2", "--output", str(tmp_path / "out.jsonl")),
+        "early_exit": ("generate.py", *common, "--prompt", texts[0], "--early_exit", "2", "--json"),
+        "quantized": ("generate.py", "--checkpoint_path", str(tmp_path / "model_int8.pth"), "--max_new_tokens", "8",
+                      "--temperature", "0", "--compile", "--prompt", texts[1], "--draft_layers", "1", "--speculate_k", "3",
+                      "--threads", "2"),
+        "benchmark": ("benchmark.py", "--checkpoint_path", str(path), "--dataset", f"jsonl:{prompts}", "--compile",
+                      "--draft_layers", "1", "--speculate_k", "3", "--max_new_tokens", "8", "--repeats", "1"),
+        "eval": ("eval.py", "--checkpoint_path", str(path), "--tasks", "tiny_gen", "--include_path", str(tmp_path),
+                 "--compile", "--draft_layers", "1", "--speculate_k", "3", "--output", str(tmp_path / "eval.json")),
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TORCH_LOGS": "recompiles", "HF_DATASETS_OFFLINE": "1",
+           "HF_HUB_OFFLINE": "1"}
+    running = {name: subprocess.Popen([sys.executable, str(ROOT / script), *flags], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for name, (script, *flags) in scripts.items()}
+    stdin = {"interactive": f"{texts[1]}\n{long_text}\n\n"}
+    done = {name: (proc.communicate(stdin.get(name), timeout=1200), proc.returncode) for name, proc in running.items()}
+    for name, ((stdout, stderr), returncode) in done.items():
+        assert returncode == 0 and "Traceback" not in stderr, (name, stderr[-3000:])
+        # auto's k are one function compiled five times, and the interactive run's caches grow: both
+        # compile before "compilation (not timed)", never after it
+        assert "recompil" not in stderr.rpartition("compilation (not timed)")[2].lower(), (name, stderr[-3000:])
+    assert "threads:" in done["auto"][0][1] and "compilation (not timed)" in done["auto"][0][1]
+    auto = json.loads(done["auto"][0][0].strip().splitlines()[-1])["samples"]
+    assert [s["generated_tokens"] for s in auto] == [reference[0]] * 2
+    assert sum(sum(s["k_steps"].values()) for s in auto) > 0
+    interactive = json.loads(done["interactive"][0][0].strip().splitlines()[-1])["samples"]
+    assert [s["generated_tokens"] for s in interactive] == [reference[1], reference[3]]
+    records = sorted((json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()),
+                     key=lambda r: r["index"])
+    assert [r["generated_tokens"] for r in records] == reference[:3]
+    assert json.loads(done["early_exit"][0][0].strip().splitlines()[-1])["samples"][0]["generated_tokens"] == early
+    assert json.loads((tmp_path / "eval.json").read_text())["engine"]["generation"]["generated_tokens"] > 0
 
 
 # --- --speculate_k auto ---------------------------------------------------------------------------
@@ -372,3 +420,17 @@ def test_warm_up_runs_the_prefill_and_every_step_once_on_the_device():
         assert calls == [("prefill", [(device, torch.long, (1, 2), values([[0, 0]])), (device, torch.long, (1,), values([2])),
                                       (device, torch.long, (1,), values([0]))]),
                          (0, step), (3, step)], device
+
+
+def test_warm_up_lets_dynamo_compile_as_many_graphs_as_it_asks_for(monkeypatch):
+    """Each warm_up compiles one more graph of every step (a new batch size, cache length or sampling
+    setting): auto's six steps at a second cache length are twelve graphs, past dynamo's default
+    limit of 8, which under fullgraph=True fails. The limit follows what was asked for, no further."""
+    import self_spec
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(self_spec, "_warmed_graphs", 0)
+    model, steps = stand_in_model(16), {k: lambda model, token, pos: None for k in AUTO_K}
+    warm_up(model, lambda *args: None, steps, batch_size=1)
+    assert torch._dynamo.config.recompile_limit == 8
+    warm_up(model, lambda *args: None, steps, batch_size=2)
+    assert torch._dynamo.config.recompile_limit == 2 * len(AUTO_K) == 12
