@@ -234,7 +234,7 @@ def slack(ks: list) -> int:
     return max(max(AUTO_K) if k == "auto" else k for k in [0] + ks) + 1
 
 
-def engine_methods(model: Transformer, fns: dict, exit_layer: int, max_new_tokens: int, eos_id: int) -> list[Method]:
+def engine_methods(model: Transformer, fns: dict, exit_layer: int, max_new_tokens: int, stop_ids: set[int]) -> list[Method]:
     """AR first (every speedup is over it), then self-speculation at each k; the caches must be set
     up with `exit_layer`."""
     costs = {}  # batch size -> measure_step_seconds, for "auto": measured once, a fresh policy per run
@@ -248,7 +248,7 @@ def engine_methods(model: Transformer, fns: dict, exit_layer: int, max_new_token
                 if batch_size not in costs:
                     costs[batch_size] = measure_step_seconds(model, steps, batch_size)
                 policy = AdaptiveK(costs[batch_size])
-            return generate_batch(model, prompts, max_new_tokens, prefill_fn=prefill_fn, steps=steps, eos_id=eos_id,
+            return generate_batch(model, prompts, max_new_tokens, prefill_fn=prefill_fn, steps=steps, stop_ids=stop_ids,
                                   batch_size=batch_size, policy=policy)
         return Method("autoregressive" if k == 0 else f"self-speculative k={k}", "this", k, exit_layer if k else None, run)
     return [method(k) for k in fns]
@@ -256,7 +256,7 @@ def engine_methods(model: Transformer, fns: dict, exit_layer: int, max_new_token
 
 def write_hf_checkpoint(model: Transformer, tokenizer_path: Path, folder: Path) -> None:
     """The reverse of convert_hf_checkpoint: a Hugging Face Llama folder (config.json,
-    model.safetensors, tokenizer.model) with the engine's weights, q/k/v split again, as
+    model.safetensors, the tokenizer file) with the engine's weights, q/k/v split again, as
     transformers and llama.cpp's converter read it."""
     from safetensors.torch import save_file
     from convert_hf_checkpoint import LAYER_NAMES, QKV, TOP_NAMES
@@ -283,18 +283,18 @@ def write_hf_checkpoint(model: Transformer, tokenizer_path: Path, folder: Path) 
     state = {name: w.contiguous() for name, w in state.items()}
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-    atomic_write(folder / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer_path, tmp))
+    atomic_write(folder / tokenizer_path.name, lambda tmp: shutil.copyfile(tokenizer_path, tmp))
     atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
 
 
 def transformers_methods(folder: Path, model: Transformer, args: argparse.Namespace, exit_layer: int,
-                         check_tokens: list[int], eos_id: int) -> tuple[list[Method], dict]:
+                         check_tokens: list[int], stop_ids: set[int]) -> tuple[list[Method], dict]:
     """transformers' generate(do_sample=False) and generate(assistant_early_exit=E) at each k, on
     the weights of `folder` (write_hf_checkpoint). Its logits must match the engine's on
     check_tokens: a comparison on other weights would mean nothing."""
     from transformers import LlamaForCausalLM
     hf = LlamaForCausalLM.from_pretrained(folder, dtype=model.output.weight.dtype).to(args.device).eval()
-    hf.generation_config.eos_token_id = eos_id if eos_id >= 0 else None  # None: a fixed number of tokens
+    hf.generation_config.eos_token_id = sorted(stop_ids) or None  # None: a fixed number of tokens
     hf.generation_config.pad_token_id = 0
     idx = torch.tensor([check_tokens], device=args.device)
     with torch.inference_mode():
@@ -453,15 +453,15 @@ def last_logits(tokens):
         raise RuntimeError(f"llama_decode failed on a prompt of {len(tokens)} tokens (n_ctx {n_ctx})")
     return np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
 
-def generate(prompt, max_new_tokens, stop):
+def generate(prompt, max_new_tokens, stop_ids):
     """Greedy: argmax (the first of equal maxima, as torch's), prefill + decode, one token a call
-    to llama_decode; stops after `stop` (kept) or max_new_tokens; -1 stops at nothing."""
+    to llama_decode; stops after any of `stop_ids` (kept) or max_new_tokens."""
     start = time.perf_counter()
     logits, out, one = last_logits(prompt), [], (L.llama_token * 1)()
     while True:
         token = int(logits.argmax())
         out.append(token)
-        if len(out) >= max_new_tokens or token == stop:
+        if len(out) >= max_new_tokens or token in stop_ids:
             return out, time.perf_counter() - start
         one[0] = token
         if L.llama_decode(ctx, L.llama_batch_get_one(one, 1)) != 0:
@@ -477,7 +477,7 @@ for line in sys.stdin:
             logits = np.ascontiguousarray(last_logits(request["logits"]), dtype=np.float32)
             reply({"logits": base64.b64encode(logits.tobytes()).decode()})
         else:
-            tokens, seconds = generate(request["prompt"], request["max_new_tokens"], request.get("stop", -1))
+            tokens, seconds = generate(request["prompt"], request["max_new_tokens"], set(request.get("stop_ids", [])))
             reply({"tokens": tokens, "seconds": seconds})
     except Exception as e:
         reply({"error": f"{type(e).__name__}: {e}"})
@@ -623,7 +623,7 @@ def peer_weights(model: Transformer, args: argparse.Namespace) -> Transformer:
 
 
 def llama_cpp_methods(folder: Path, model: Transformer, args: argparse.Namespace, exit_layer: int,
-                      check_tokens: list[int], eos_id: int, n_ctx: Optional[int] = None) -> tuple[list[Method], dict]:
+                      check_tokens: list[int], stop_ids: set[int], n_ctx: Optional[int] = None) -> tuple[list[Method], dict]:
     """llama.cpp on the same weights: `folder` (write_hf_checkpoint, of the unquantized weights)
     converted to GGUF by llama.cpp's own converter, quantized by llama.cpp's own quantizer as the
     engine's model is (llama_cpp_formats), generation timed through llama-cpp-python in a worker
@@ -646,12 +646,12 @@ def llama_cpp_methods(folder: Path, model: Transformer, args: argparse.Namespace
     for name in ("config.json", "model.safetensors"):
         (source / name).symlink_to((folder / name).resolve())
     from tokenizer import SentencePieceTokenizer, load_tokenizer
-    if isinstance(load_tokenizer(folder / "tokenizer.model"), SentencePieceTokenizer):
+    if isinstance(load_tokenizer(folder), SentencePieceTokenizer):
         shutil.copyfile(folder / "tokenizer.model", source / "tokenizer.model")
         tokenizer_note = "the model's SentencePiece tokenizer.model"
     else:
         sentencepiece_stand_in(source / "tokenizer.model", model.args.vocab_size)
-        tokenizer_note = "a SentencePiece stand-in for the model's tiktoken file (the worker is fed token ids)"
+        tokenizer_note = "a SentencePiece stand-in for the model's own tokenizer (the worker is fed token ids)"
     gguf = work / f"model-{formats['outtype']}.gguf"
     print(f"# llama.cpp: converting to {gguf.name}", file=sys.stderr)
     llama_cpp_run([env["LCPP_PY"], env["LCPP_CONVERT"], str(source), "--outtype", formats["outtype"],
@@ -695,7 +695,7 @@ def llama_cpp_methods(folder: Path, model: Transformer, args: argparse.Namespace
         for prompt in prompts:  # one at a time: batch 1, as --compare times it
             t0 = time.perf_counter()
             reply = worker.ask({"prompt": prompt, "max_new_tokens": min(args.max_new_tokens, context - len(prompt)),
-                                "stop": eos_id})
+                                "stop_ids": sorted(stop_ids)})
             # Timed by the worker (timed_seconds); what the pipe's round trip adds, for the record.
             info["pipe_overhead_ms"].append(round((time.perf_counter() - t0 - reply["seconds"]) * 1e3, 3))
             results.append({"generated_tokens": reply["tokens"], "acceptance_rate": None, "tokens_per_step": None,
@@ -1123,7 +1123,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n", 2)[2])
     p.error = fail  # one line on stderr for a bad flag too
     m = p.add_argument_group("model")
-    m.add_argument("--checkpoint_path", type=Path, help="a converted model.pth (tokenizer.model beside it)")
+    m.add_argument("--checkpoint_path", type=Path, help="a converted model.pth (its tokenizer beside it)")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     m.add_argument("--dtype", choices=list(DTYPES),
                    help="activations: default float32 on CPU (bfloat16 for a quantized file), bfloat16 on CUDA")
@@ -1215,8 +1215,8 @@ def load(args: argparse.Namespace, tmp: Path) -> tuple[Transformer, object, Path
             f"synthetic random Llama, {params / 1e6:.1f}M parameters (dim {args.dim}, {args.n_layer} layers, "
             f"{args.n_head} heads, {args.n_kv_head} KV heads, intermediate {args.intermediate_size}, "
             f"vocab {args.vocab_size})")
-    from tokenizer import load_tokenizer
-    tokenizer_path = args.checkpoint_path.parent / "tokenizer.model"
+    from tokenizer import load_tokenizer, tokenizer_file
+    tokenizer_path = tokenizer_file(args.checkpoint_path.parent)
     try:
         model = load_model(args.checkpoint_path, args.device, DTYPES[args.dtype] if args.dtype else None)
         tokenizer = load_tokenizer(tokenizer_path)
@@ -1273,7 +1273,7 @@ def benchmark(args: argparse.Namespace, argv: list[str], tmp: Path) -> dict:
         check_exit_layer("--sweep's exit layer", e, n_layer)
     prompts, prompts_description, metric = make_prompts(args, model, tokenizer)
     scorer = make_scorer(metric) if metric else None
-    eos_id = tokenizer.eos_id if args.stop_at_eos else -1  # -1: no token ends a prompt early
+    stop_ids = tokenizer.stop_ids if args.stop_at_eos else set()  # empty: no token ends a prompt early
     ks = args.sweep[1] if args.sweep else args.speculate_k
     fns = decoding(args, ks)
     length = cache_length([len(p["tokens"]) for p in prompts], args.max_new_tokens, model.args.max_seq_length, slack(ks))
@@ -1295,7 +1295,7 @@ def benchmark(args: argparse.Namespace, argv: list[str], tmp: Path) -> dict:
            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
            "setup": setup, "metric": metric}
     report = [f"**Setup:** {setup}\n"]
-    run = dict(model=model, prompts=prompts, fns=fns, args=args, eos_id=eos_id, length=length)
+    run = dict(model=model, prompts=prompts, fns=fns, args=args, stop_ids=stop_ids, length=length)
     if args.sweep:
         (label, at_exit), = variants
         out["sweep"] = sweep(**run, at_exit=at_exit, label=label, scorer=scorer, tokenizer=tokenizer)
@@ -1314,13 +1314,13 @@ def benchmark(args: argparse.Namespace, argv: list[str], tmp: Path) -> dict:
             if at_exit:
                 at_exit(exit_layer)
                 print(f"# late_scale {label['late_scale']}", file=sys.stderr)
-            methods = engine_methods(model, fns, exit_layer, args.max_new_tokens, eos_id)
+            methods = engine_methods(model, fns, exit_layer, args.max_new_tokens, stop_ids)
             if args.compare:  # the peers read the weights as they are now (a synthetic model's: scaled)
                 write_hf_checkpoint(peer_weights(model, args), tokenizer_path, tmp / "hf")
             for name in args.compare:
                 context = {"n_ctx": length} if name == "llama.cpp" else {}  # its KV cache: as long as the engine's
                 peer_methods, out.setdefault("peers", {})[name] = PEERS[name](
-                    tmp / "hf", model, args, exit_layer, prompts[0]["tokens"], eos_id, **context)
+                    tmp / "hf", model, args, exit_layer, prompts[0]["tokens"], stop_ids, **context)
                 methods += peer_methods
             model.setup_caches(1, length, exit_layer)
             timed = time_groups(methods, [[p] for p in prompts], 1, args.repeats, args.device, progress("prompts"))
@@ -1342,7 +1342,7 @@ def benchmark(args: argparse.Namespace, argv: list[str], tmp: Path) -> dict:
         report += profile_report(out["profile_ms"], exit_layer, fixed, out["copy_bandwidth_gbs"], ar_gbs)
     if args.memory:  # eager: new cache lengths would recompile inside the measured span
         eager = decoding(argparse.Namespace(**{**vars(args), "compile": False}), args.speculate_k)
-        methods = engine_methods(model, eager, exit_layer, args.max_new_tokens, eos_id)
+        methods = engine_methods(model, eager, exit_layer, args.max_new_tokens, stop_ids)
         out["memory"] = measure_memory(model, methods, prompts[0]["tokens"], args.max_new_tokens, args.device)
         report += memory_report(out["memory"], weight_bytes(model))
     print("\n".join(report))
@@ -1371,12 +1371,12 @@ def progress(what: str) -> Callable:
     return lambda items: tqdm(items, desc=what, file=sys.stderr, dynamic_ncols=True)
 
 
-def batch_rows(model: Transformer, prompts: list[dict], fns: dict, args: argparse.Namespace, eos_id: int,
+def batch_rows(model: Transformer, prompts: list[dict], fns: dict, args: argparse.Namespace, stop_ids: set[int],
                length: int, exit_layer: int, label: dict) -> list[dict]:
     """For each batch size: every prompt through each engine method, B rows at a time; aggregate
     tokens/s = all tokens / wall time, speedup over AR at the same B."""
     rows = []
-    methods = engine_methods(model, fns, exit_layer, args.max_new_tokens, eos_id)
+    methods = engine_methods(model, fns, exit_layer, args.max_new_tokens, stop_ids)
     for b in progress("batch sizes")(args.batch_size):
         model.setup_caches(b, length, exit_layer)
         (timed,) = time_groups(methods, [prompts], b, args.repeats, args.device, lambda groups: groups)
@@ -1403,7 +1403,7 @@ def batch_columns(synthetic: bool) -> list[tuple[str, Callable[[dict], str]]]:
         ("tokens = AR", lambda r: f"{r['tokens_equal_ar']}/{r['prompts']}")]
 
 
-def sweep(model: Transformer, prompts: list[dict], fns: dict, args: argparse.Namespace, eos_id: int, length: int,
+def sweep(model: Transformer, prompts: list[dict], fns: dict, args: argparse.Namespace, stop_ids: set[int], length: int,
           at_exit: Optional[Callable[[int], None]], label: dict, scorer, tokenizer) -> dict:
     """Every (E, k): AR and self-speculation per prompt as in the main table (AR re-timed at each E,
     interleaved with that E's k), one compile per (E, k); beside each cell the cost model's
@@ -1414,7 +1414,7 @@ def sweep(model: Transformer, prompts: list[dict], fns: dict, args: argparse.Nam
         print(f"# sweep: E = {e}", file=sys.stderr)
         if at_exit:
             at_exit(e)
-        methods = engine_methods(model, fns, e, args.max_new_tokens, eos_id)
+        methods = engine_methods(model, fns, e, args.max_new_tokens, stop_ids)
         model.setup_caches(1, length, e)
         timed = time_groups(methods, [[p] for p in prompts], 1, args.repeats, args.device, progress("prompts"))
         rows = prompt_rows(methods, prompts, timed, scorer, tokenizer, {**label, "draft_layers": e})

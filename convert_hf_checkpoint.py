@@ -1,8 +1,10 @@
 """Converts a Hugging Face Llama checkpoint folder (or hub repo) to the engine's format.
 
-Writes DIR/model.pth (our parameter names, q/k/v fused), DIR/model_config.json and
-DIR/tokenizer.model. Every file is written under a temporary name and renamed, so an
-interrupted run never leaves a file that looks complete.
+Writes DIR/model.pth (our parameter names, q/k/v fused), DIR/model_config.json, the tokenizer
+(tokenizer.model, else tokenizer.json with its tokenizer_config.json and chat template) and
+DIR/stop_ids.json (every EOS id of config.json and generation_config.json). Every file is
+written under a temporary name and renamed, so an interrupted run never leaves a file that
+looks complete.
 """
 import argparse
 import json
@@ -14,8 +16,9 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from common import fail, save_checkpoint
+from common import atomic_write, fail, save_checkpoint
 from model import ModelArgs
+from tokenizer import STOP_IDS_FILE, load_tokenizer
 
 # Hugging Face name (after "model.layers.{i}.") -> ours (after "layers.{i}.")
 LAYER_NAMES = {
@@ -68,10 +71,14 @@ def convert(checkpoint_dir: Path) -> None:
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {checkpoint_dir}")
     args = ModelArgs.from_hf_config(json.loads(config_path.read_text()))
-    tokenizer = next((p for p in (checkpoint_dir / "tokenizer.model", checkpoint_dir / "original" / "tokenizer.model")
-                      if p.is_file()), None)
+    tokenizer = next((p for p in (checkpoint_dir / "tokenizer.model", checkpoint_dir / "original" / "tokenizer.model",
+                                  checkpoint_dir / "tokenizer.json") if p.is_file()), None)
     if tokenizer is None:
-        raise FileNotFoundError(f"no tokenizer.model or original/tokenizer.model in {checkpoint_dir}")
+        raise FileNotFoundError(f"no tokenizer.model, original/tokenizer.model or tokenizer.json in {checkpoint_dir}")
+    vocab_size = load_tokenizer(tokenizer).vocab_size  # before any write: a bad tokenizer says so now
+    if vocab_size > args.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab_size} tokens but config.json's vocabulary only {args.vocab_size}")
+    stop_ids = eos_ids(checkpoint_dir)
 
     hf_state = {}
     for shard in tqdm(weight_files(checkpoint_dir), desc="reading shards", unit="shard", file=sys.stderr):
@@ -81,8 +88,26 @@ def convert(checkpoint_dir: Path) -> None:
     except KeyError as e:
         raise ValueError(f"{checkpoint_dir} is missing weight {e.args[0]} for a {args.n_layer}-layer Llama") from None
 
+    if stop_ids:
+        atomic_write(checkpoint_dir / STOP_IDS_FILE, lambda tmp: write_stop_ids(tmp, stop_ids))
     save_checkpoint(checkpoint_dir, args, state, tokenizer)
     print(f"wrote {checkpoint_dir / 'model.pth'} ({args.n_layer} layers, dim {args.dim})", file=sys.stderr)
+
+
+def eos_ids(folder: Path) -> list[int]:
+    """Every EOS id of config.json and generation_config.json (each an id or a list), in order."""
+    ids = []
+    for name in ("config.json", "generation_config.json"):
+        path = folder / name
+        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        for i in eos if isinstance(eos, list) else [eos]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids
+
+
+def write_stop_ids(path: Path, stop_ids: list[int]) -> None:
+    path.write_text(json.dumps({"stop_ids": stop_ids}) + "\n")
 
 
 def download(repo_id: str, checkpoint_dir: Optional[Path]) -> Path:
@@ -90,8 +115,9 @@ def download(repo_id: str, checkpoint_dir: Optional[Path]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, GatedRepoError
     target = checkpoint_dir or Path("checkpoints") / repo_id
-    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model",
-                "original/tokenizer.model"]
+    patterns = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                "tokenizer.model", "original/tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                "chat_template.jinja"]
     try:
         snapshot_download(repo_id, local_dir=target, allow_patterns=patterns, token=os.environ.get("HF_TOKEN"))
     except GatedRepoError:
@@ -109,7 +135,7 @@ def download(repo_id: str, checkpoint_dir: Optional[Path]) -> Path:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.error = fail
-    parser.add_argument("--checkpoint_dir", type=Path, help="folder with config.json, weights and tokenizer.model")
+    parser.add_argument("--checkpoint_dir", type=Path, help="folder with config.json, weights and tokenizer.model or tokenizer.json")
     parser.add_argument("--repo_id", help="download this hub repo first (e.g. facebook/layerskip-llama3.2-1B)")
     args = parser.parse_args(argv)
     if args.checkpoint_dir is None and args.repo_id is None:

@@ -200,7 +200,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         model = load_model(args.checkpoint_path, device, args.dtype, shard=tp.shard(rank, world) if world > 1 else None)
         if world > 1:
             tp.add_collectives(model)
-        tokenizer = load_tokenizer(args.checkpoint_path.parent / "tokenizer.model")
+        tokenizer = load_tokenizer(args.checkpoint_path.parent)
         entries = read_prompts_file(args.prompts_file) if args.prompts_file else None
     except (ValueError, OSError) as e:
         fail(str(e))
@@ -216,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                                            args.early_exit is not None, args.compile, args.device, args.compile_prefill)
     slack = max(steps) + 1
     context = model.args.max_seq_length
-    generate_run = partial(generate_batch, model, prefill_fn=prefill_fn, steps=steps, eos_id=tokenizer.eos_id,
+    generate_run = partial(generate_batch, model, prefill_fn=prefill_fn, steps=steps, stop_ids=tokenizer.stop_ids,
                            batch_size=args.batch_size)
     info = {"checkpoint": str(args.checkpoint_path), "device": args.device,
             "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "compile": args.compile,
