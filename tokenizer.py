@@ -222,6 +222,50 @@ def tokenizer_file(folder: Path) -> Path:
                 folder / "tokenizer.model")
 
 
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """The conversation in the checkpoint's chat template, ending with the assistant's turn opened:
+    the text transformers' apply_chat_template(messages, add_generation_prompt=True) renders (its
+    sandboxed jinja environment, filters and globals). Encode it with bos=False, special=True."""
+    from datetime import datetime
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if tokenizer.chat_template is None:
+        raise ValueError("this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json's)")
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # transformers' tojson: no HTML escaping, unlike jinja's own
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class GenerationTag(jinja2.ext.Extension):
+        """{% generation %}...{% endgeneration %}: transformers marks the assistant's tokens with it; the text is the body."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(tokenizer.chat_template).render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=True,
+            bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"chat template: {e}") from None
+
+
 def load_tokenizer(path: Union[str, Path]) -> Union[SentencePieceTokenizer, TiktokenTokenizer, HFTokenizer]:
     """A checkpoint folder (its tokenizer_file) or one tokenizer file; the stop ids and the chat
     template come from the file's folder."""
