@@ -44,11 +44,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 TOKENIZER_COMPANIONS = ("tokenizer_config.json", "stop_ids.json", "chat_template.jinja")
 
 
-def save_checkpoint(out_dir: Path, args: ModelArgs, state: dict, tokenizer: Path) -> None:
+def save_checkpoint(out_dir: Path, args: ModelArgs, state: dict, tokenizer: Path,
+                    weights_file: str = "model.pth") -> None:
     """The engine's format: model_config.json, the tokenizer file (tokenizer.model or tokenizer.json)
-    with its companions found beside it, and model.pth side by side.
+    with its companions found beside it, and the weights (model.pth, or a quantized state's file)
+    side by side.
 
-    Each file is written under a temporary name and renamed, model.pth last: its presence means
+    Each file is written under a temporary name and renamed, the weights last: their presence means
     the write finished. A tied head is the embedding, so it is stored once.
     """
     if args.tie_embeddings:
@@ -59,7 +61,7 @@ def save_checkpoint(out_dir: Path, args: ModelArgs, state: dict, tokenizer: Path
         target = out_dir / source.name
         if source.is_file() and source.resolve() != target.resolve():
             atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
-    atomic_write(out_dir / "model.pth", lambda tmp: torch.save(state, tmp))
+    atomic_write(out_dir / weights_file, lambda tmp: torch.save(state, tmp))
 
 
 def check_device(device: str) -> None:
