@@ -198,11 +198,8 @@ def gguf_state_dict(reader, args: ModelArgs, path: Path, dtype: torch.dtype) -> 
     import numpy as np
     from gguf.quants import dequantize
 
-    size = path.stat().st_size
     tensors = {}
     for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise ValueError(f"{path} is truncated: tensor {t.name} ends past the end of the file")
         try:
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -225,17 +222,25 @@ def gguf_state_dict(reader, args: ModelArgs, path: Path, dtype: torch.dtype) -> 
     return state
 
 
-def gguf_tokenizer(path: Path, folder: Path) -> None:
+def gguf_tokenizer(path: Path, folder: Path, vocab_size: int) -> None:
     """tokenizer.json, tokenizer_config.json and chat_template.jinja in `folder`, converted from the
-    GGUF's metadata by transformers (the tokenizer its from_pretrained(gguf_file=...) builds)."""
+    GGUF's metadata by transformers (the tokenizer its from_pretrained(gguf_file=...) builds).
+
+    Tokens transformers adds past the model's vocabulary are dropped: its GPT-2 tokenizer brings
+    `<|endoftext|>` as the unknown token where the file's vocabulary has none (Llama 3's has none),
+    and no row of the model stands for it."""
     from transformers import AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # transformers raises many kinds for a metadata it cannot convert
         raise ValueError(f"{path}: transformers cannot build its tokenizer ({str(e).splitlines()[0]})") from None
     tokenizer.save_pretrained(folder)
-    if not (folder / "tokenizer.json").is_file():
+    tokenizer_json = folder / "tokenizer.json"
+    if not tokenizer_json.is_file():
         raise ValueError(f"{path}: transformers built no tokenizer.json from its tokenizer")
+    spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t["id"] < vocab_size]
+    tokenizer_json.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
 
 
 def convert_gguf(path: Path, out_dir: Path, dtype: torch.dtype, quantize: Optional[str], groupsize: int) -> None:
@@ -249,7 +254,7 @@ def convert_gguf(path: Path, out_dir: Path, dtype: torch.dtype, quantize: Option
     try:
         reader = GGUFReader(path)
     except Exception as e:  # a truncated or foreign file fails in numpy, struct or the reader's own checks
-        raise ValueError(f"{path} is not a readable GGUF file ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path} is not a readable GGUF file, truncated or corrupt ({str(e).splitlines()[0]})") from None
     args = gguf_config(reader, path)
     state = gguf_state_dict(reader, args, path, dtype)
     stop_ids = []
@@ -265,7 +270,7 @@ def convert_gguf(path: Path, out_dir: Path, dtype: torch.dtype, quantize: Option
         weights_file = "model_int8.pth" if quantize == "int8" else f"model_int4.g{groupsize}.pth"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        gguf_tokenizer(path, tmp)
+        gguf_tokenizer(path, tmp, args.vocab_size)
         vocab_size = load_tokenizer(tmp).vocab_size
         if vocab_size > args.vocab_size:
             raise ValueError(f"{path}: its tokenizer has {vocab_size} tokens but its embedding only {args.vocab_size}")
