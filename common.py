@@ -186,9 +186,10 @@ def generate_batch(model: Transformer, prompts: Iterable[list[int]], max_new_tok
     prefill_fn(model, idx, lengths, rows) -> first tokens, and steps {k: step(model, token, pos)}
     (k = 0: autoregressive) come with their sampling settings bound. With several steps a policy
     picks k before each step (`choose()`) and hears how it went (`observe(k, accepted per row)`).
-    Each prompt stops after any of stop_ids (its EOS ids; kept), max_new_tokens (fewer where its context ends) or when
-    stop(index, tokens) says so (a stop sequence; tokens accepted in the same step stay). The caches
-    must be set up for batch_size rows and the longest prompt + its tokens + max(k) + 1 positions.
+    Each prompt stops after any of stop_ids (its EOS ids; kept), max_new_tokens (fewer where its
+    context ends) or when stop(index, tokens) says so (a stop sequence; tokens accepted in the same
+    step stay). The caches must be set up for batch_size rows and the longest prompt + its tokens +
+    max(k) + 1 positions.
 
     on_tokens(index, new_tokens, from_draft) streams; on_done(result) is called as each prompt ends
     with prompt_tokens, generated_tokens, seconds, tokens_per_sec, acceptance_rate, tokens_per_step

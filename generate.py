@@ -239,13 +239,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
 
     results, allocated, policy = [], 0, None
-    conversation = [{"role": "system", "content": args.system}] if args.system is not None else []
+    history = []  # --chat: the conversation's earlier turns
     for prompt_text in read_prompts() if args.interactive else [args.prompt]:
-        if args.chat:
-            conversation.append({"role": "user", "content": prompt_text})
-            prompt_tokens = encode_prompt(args, tokenizer, conversation)
-        else:
-            prompt_tokens = encode_prompt(args, tokenizer, prompt_text)
+        prompt_tokens = encode_prompt(args, tokenizer, prompt_text, history)
         if len(prompt_tokens) >= context:
             fail(f"prompt is {len(prompt_tokens)} tokens; the model's context of {context} leaves no room")
         needed = cache_length([len(prompt_tokens)], args.max_new_tokens, context, slack)
@@ -272,21 +268,21 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.chat:  # the conversation goes on from the first sample's reply
             reply = samples[0]["generated_tokens"]
             reply = reply[:-1] if reply[-1] in tokenizer.stop_ids else reply
-            conversation.append({"role": "assistant", "content": completion_text(tokenizer, prompt_tokens, reply)})
+            history += [{"role": "user", "content": prompt_text},
+                        {"role": "assistant", "content": completion_text(tokenizer, prompt_tokens, reply)}]
     if args.json:
         print(json.dumps({"samples": results, **info, "peak_memory_gb": peak_memory_gb(args.device)}))
 
 
-def encode_prompt(args: argparse.Namespace, tokenizer, prompt) -> list[int]:
-    """A plain prompt after BOS, or with --chat a conversation (a list of messages; a string is one
-    user message after --system) rendered in the chat template, its special tokens as their ids."""
+def encode_prompt(args: argparse.Namespace, tokenizer, prompt: str, history: list[dict] = ()) -> list[int]:
+    """A plain prompt after BOS; with --chat the user message `prompt` after --system and the
+    conversation so far, rendered in the chat template, its special tokens as their ids."""
     if not args.chat:
         return tokenizer.encode(prompt, bos=True)
-    if isinstance(prompt, str):
-        prompt = ([{"role": "system", "content": args.system}] if args.system is not None else []) + [
-            {"role": "user", "content": prompt}]
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    messages = system + list(history) + [{"role": "user", "content": prompt}]
     try:
-        return tokenizer.encode(render_chat(tokenizer, prompt), bos=False, special=True)
+        return tokenizer.encode(render_chat(tokenizer, messages), bos=False, special=True)
     except ValueError as e:
         fail(str(e))
 
