@@ -35,6 +35,10 @@ LLAMA3_TEMPLATE = (
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_model: needs a real model file (SMOLLM2_GGUF); skipped without it")
+
+
 def hf_config(style: str, vocab_size: int):
     from transformers import LlamaConfig
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=N_LAYER,
