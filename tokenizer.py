@@ -158,7 +158,8 @@ class HFTokenizer:
         self.vocab_size: int = self.model.get_vocab_size(with_added_tokens=True)
         self.bos_token, self.eos_token = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
         self.eos_id: int = self._token_id(self.eos_token, "eos_token", path)
-        # without a BOS (SmolLM2 adds none), a document boundary is the EOS, as lm-eval's prefix token is
+        # bos_id is the document boundary (eval.py's prefix), not necessarily what encode adds (SmolLM2
+        # names <|im_start|> but its post-processor adds nothing); a config naming none: the EOS, as lm-eval does
         self.bos_id: int = self._token_id(self.bos_token, "bos_token", path) if self.bos_token else self.eos_id
 
     def _token_id(self, token: Optional[str], key: str, path: Path) -> int:
