@@ -155,3 +155,19 @@ def test_chat_errors_are_one_line(checkpoints, capsys):
             generate.main(["--checkpoint_path", str(path), "--max_new_tokens", "2", *flags])
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 1 and err[-1].startswith("error: ") and message in err[-1], err
+
+
+def test_stream_prints_characters_split_over_tokens_whole(folders, capsys):
+    """Byte-level BPE cuts 日本🙂 into tokens that are not characters: the stream prints nothing
+    until a character is whole, and in the end exactly the text."""
+    tok = load_tokenizer(folders / "json")
+    text = "Hi 日本🙂 wörld"
+    ids = tok.encode(text, bos=False)
+    assert any("\ufffd" in tok.decode(ids[:i]) for i in range(len(ids)))  # some prefix does end inside one
+    capsys.readouterr()
+    stream = generate.TextStream(tok, [tok.bos_id], show_drafts=False)
+    printed = []
+    for token in ids:
+        stream(0, [token], [False])
+        printed.append(capsys.readouterr().out)
+    assert "".join(printed) == text and not any("\ufffd" in piece for piece in printed)
