@@ -219,6 +219,14 @@ def gguf_state_dict(reader, args: ModelArgs, path: Path, dtype: torch.dtype) -> 
             raise KeyError("token_embd.weight" if "tok_embeddings.weight" not in state else "output_norm.weight")
     except KeyError as e:
         raise ValueError(f"{path} is missing tensor {e.args[0]} for a {args.n_layer}-layer llama") from None
+    # a tensor the engine has no place for (rope_freqs: Llama 3.1's RoPE scaling; biases) would change
+    # the model's output if dropped: refuse rather than convert a different model
+    known = set(GGUF_TOP_NAMES) | {f"blk.{i}.{name}" for i in range(args.n_layer)
+                                   for name in (*GGUF_LAYER_NAMES, *GGUF_QKV)}
+    unknown = sorted(set(tensors) - known)
+    if unknown:
+        raise ValueError(f"{path} has tensor {unknown[0]}, which this engine's llama does not have "
+                         f"({len(unknown)} such tensors)")
     return state
 
 

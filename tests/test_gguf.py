@@ -208,22 +208,30 @@ def test_bad_gguf_files_give_one_clear_line_and_write_nothing(tmp_path, capsys):
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     assert "'gpt2' architecture" in error_line(capsys, "--gguf", str(other), "--checkpoint_dir", str(out))
 
-    # a tensor type the gguf package has no dequantizer for (an integer tensor)
-    reader = gguf.GGUFReader(good)
-    writer = gguf.GGUFWriter(str(tmp_path / "unknown.gguf"), "llama")
-    for field in reader.fields.values():
-        if not field.name.startswith(("GGUF.", "general.architecture")):
-            writer.add_key_value(field.name, field.contents(), field.types[0],
-                                 field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
-    for t in reader.tensors:
-        quantized = t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-        if t.name == "blk.2.attn_norm.weight":
-            writer.add_tensor(t.name, np.zeros(t.data.shape, np.int8))
-        else:
-            writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type if quantized else None)
-    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
-    line = error_line(capsys, "--gguf", str(tmp_path / "unknown.gguf"), "--checkpoint_dir", str(out))
+    def rewrite(name: str, int8_tensor: str = "", extra: str = "") -> str:
+        """The good file again, one tensor made int8 (a type no dequantizer reads), one tensor added."""
+        reader = gguf.GGUFReader(good)
+        writer = gguf.GGUFWriter(str(tmp_path / name), "llama")
+        for field in reader.fields.values():
+            if not field.name.startswith(("GGUF.", "general.architecture")):
+                writer.add_key_value(field.name, field.contents(), field.types[0],
+                                     field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+        for t in reader.tensors:
+            quantized = t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+            if t.name == int8_tensor:
+                writer.add_tensor(t.name, np.zeros(t.data.shape, np.int8))
+            else:
+                writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type if quantized else None)
+        if extra:
+            writer.add_tensor(extra, np.ones(8, np.float32))
+        writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+        return str(tmp_path / name)
+
+    line = error_line(capsys, "--gguf", rewrite("int8.gguf", int8_tensor="blk.2.attn_norm.weight"), "--checkpoint_dir", str(out))
     assert "blk.2.attn_norm.weight has the type I8" in line
+    # Llama 3.1's RoPE scaling, which llama.cpp writes as a tensor of frequency factors: not dropped silently
+    line = error_line(capsys, "--gguf", rewrite("rope.gguf", extra="rope_freqs.weight"), "--checkpoint_dir", str(out))
+    assert "has tensor rope_freqs.weight, which this engine's llama does not have" in line
 
     assert "GGUF file not found" in error_line(capsys, "--gguf", str(tmp_path / "nope.gguf"), "--checkpoint_dir", str(out))
     assert "--gguf needs --checkpoint_dir" in error_line(capsys, "--gguf", str(good))
