@@ -40,18 +40,28 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_checkpoint(out_dir: Path, args: ModelArgs, state: dict, tokenizer: Path) -> None:
-    """The engine's format: model_config.json, tokenizer.model and model.pth side by side.
+# what a tokenizer file needs beside it (tokenizer.json: its BOS/EOS names; any kind: the stop ids, a chat template)
+TOKENIZER_COMPANIONS = ("tokenizer_config.json", "stop_ids.json", "chat_template.jinja")
 
-    Each file is written under a temporary name and renamed, model.pth last: its presence means
+
+def save_checkpoint(out_dir: Path, args: ModelArgs, state: dict, tokenizer: Path,
+                    weights_file: str = "model.pth") -> None:
+    """The engine's format: model_config.json, the tokenizer file (tokenizer.model or tokenizer.json)
+    with its companions found beside it, and the weights (model.pth, or a quantized state's file)
+    side by side.
+
+    Each file is written under a temporary name and renamed, the weights last: their presence means
     the write finished. A tied head is the embedding, so it is stored once.
     """
     if args.tie_embeddings:
         state = {name: w for name, w in state.items() if name != "output.weight"}
     atomic_write(out_dir / "model_config.json", args.save)
-    if Path(tokenizer).resolve() != (out_dir / "tokenizer.model").resolve():
-        atomic_write(out_dir / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer, tmp))
-    atomic_write(out_dir / "model.pth", lambda tmp: torch.save(state, tmp))
+    tokenizer = Path(tokenizer)
+    for source in [tokenizer] + [tokenizer.parent / name for name in TOKENIZER_COMPANIONS]:
+        target = out_dir / source.name
+        if source.is_file() and source.resolve() != target.resolve():
+            atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+    atomic_write(out_dir / weights_file, lambda tmp: torch.save(state, tmp))
 
 
 def check_device(device: str) -> None:
@@ -166,7 +176,7 @@ def decode_one_token(model: Transformer, token: Tensor, pos: Tensor, temperature
 # --- the batched loop ---------------------------------------------------------------------------
 
 def generate_batch(model: Transformer, prompts: Iterable[list[int]], max_new_tokens: int, *,
-                   prefill_fn: Callable, steps: dict[int, Callable], eos_id: int, batch_size: int = 1,
+                   prefill_fn: Callable, steps: dict[int, Callable], stop_ids: set[int], batch_size: int = 1,
                    policy=None, on_tokens: Optional[Callable[[int, list[int], list[bool]], None]] = None,
                    on_done: Optional[Callable[[dict], None]] = None,
                    stop: Optional[Callable[[int, list[int]], bool]] = None) -> list[dict]:
@@ -176,9 +186,10 @@ def generate_batch(model: Transformer, prompts: Iterable[list[int]], max_new_tok
     prefill_fn(model, idx, lengths, rows) -> first tokens, and steps {k: step(model, token, pos)}
     (k = 0: autoregressive) come with their sampling settings bound. With several steps a policy
     picks k before each step (`choose()`) and hears how it went (`observe(k, accepted per row)`).
-    Each prompt stops after EOS (kept), max_new_tokens (fewer where its context ends) or when
-    stop(index, tokens) says so (a stop sequence; tokens accepted in the same step stay). The caches
-    must be set up for batch_size rows and the longest prompt + its tokens + max(k) + 1 positions.
+    Each prompt stops after any of stop_ids (its EOS ids; kept), max_new_tokens (fewer where its
+    context ends) or when stop(index, tokens) says so (a stop sequence; tokens accepted in the same
+    step stay). The caches must be set up for batch_size rows and the longest prompt + its tokens +
+    max(k) + 1 positions.
 
     on_tokens(index, new_tokens, from_draft) streams; on_done(result) is called as each prompt ends
     with prompt_tokens, generated_tokens, seconds, tokens_per_sec, acceptance_rate, tokens_per_step
@@ -209,13 +220,14 @@ def generate_batch(model: Transformer, prompts: Iterable[list[int]], max_new_tok
     def add(r: int, new: list[int], from_draft: list[bool]) -> None:
         """Appends a row's new tokens up to EOS or its budget; frees the row when it is done."""
         row = rows[r]
-        if eos_id in new:
-            new = new[: new.index(eos_id) + 1]
+        ends = [i for i, t in enumerate(new) if t in stop_ids]
+        if ends:
+            new = new[: ends[0] + 1]
         new = new[: row["budget"] - len(row["tokens"])]
         row["tokens"] += new
         if on_tokens:
             on_tokens(row["index"], new, from_draft[: len(new)])
-        if row["tokens"][-1] == eos_id or len(row["tokens"]) == row["budget"] or (stop and stop(row["index"], row["tokens"])):
+        if row["tokens"][-1] in stop_ids or len(row["tokens"]) == row["budget"] or (stop and stop(row["index"], row["tokens"])):
             finish(r)
 
     def refill() -> None:
@@ -270,12 +282,12 @@ def generate_batch(model: Transformer, prompts: Iterable[list[int]], max_new_tok
 
 
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, temperature: float,
-             top_k: Optional[int], eos_id: int, prefill_fn: Callable = prefill,
+             top_k: Optional[int], stop_ids: set[int], prefill_fn: Callable = prefill,
              decode_fn: Callable = decode_one_token, early_exit: bool = False,
              on_tokens: Optional[Callable[[int, list[int], list[bool]], None]] = None) -> tuple[list[int], dict]:
     """One prompt, autoregressive (or early-exit only): its tokens and stats, from generate_batch."""
     result = generate_batch(
-        model, [prompt.tolist()], max_new_tokens, eos_id=eos_id, on_tokens=on_tokens,
+        model, [prompt.tolist()], max_new_tokens, stop_ids=stop_ids, on_tokens=on_tokens,
         prefill_fn=partial(prefill_fn, temperature=temperature, top_k=top_k, early_exit=early_exit),
         steps={0: partial(decode_fn, temperature=temperature, top_k=top_k, early_exit=early_exit)})[0]
     return result["generated_tokens"], {"acceptance_rate": None, "tokens_per_step": None}

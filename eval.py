@@ -267,7 +267,7 @@ def make_engine_lm(model: Transformer, tokenizer, *, batch_size: int = 1, draft_
                 with torch.inference_mode():
                     results = generate_batch(
                         self.model, prompts, max(jobs[i]["max_gen_toks"] for i in members), prefill_fn=prefill_fn,
-                        steps=steps, eos_id=self.tokenizer.eos_id, batch_size=cache_rows, stop=stop, policy=policy)
+                        steps=steps, stop_ids=self.tokenizer.stop_ids, batch_size=cache_rows, stop=stop, policy=policy)
                 if self.device_.type == "cuda":
                     torch.cuda.synchronize()
                 seconds += time.perf_counter() - t0
@@ -277,7 +277,7 @@ def make_engine_lm(model: Transformer, tokenizer, *, batch_size: int = 1, draft_
             for job, result in zip(jobs, outputs):
                 generated = result["generated_tokens"][:job["max_gen_toks"]]  # a step may overshoot
                 tokens += len(generated)
-                if generated and generated[-1] == self.tokenizer.eos_id:
+                if generated and generated[-1] in self.tokenizer.stop_ids:
                     generated = generated[:-1]  # EOS ends the text; its own text (if any) is not output
                 prompt_text = self.tokenizer.decode(job["prompt"])
                 text = self.tokenizer.decode(job["prompt"] + generated)[len(prompt_text):]
@@ -449,7 +449,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     task_manager, tasks = load_tasks(args.tasks, args.include_path)
     try:
         model = load_model(args.checkpoint_path, args.device, args.dtype)
-        tokenizer = load_tokenizer(args.checkpoint_path.parent / "tokenizer.model")
+        tokenizer = load_tokenizer(args.checkpoint_path.parent)
     except (ValueError, OSError) as e:
         fail(str(e))
     if model.args.vocab_size < tokenizer.vocab_size:

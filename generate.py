@@ -4,13 +4,15 @@
     python generate.py ... --draft_layers 8                     # LayerSkip self-speculation, k auto
     python generate.py ... --draft_layers 8 --speculate_k 6     # ... with k fixed
     python generate.py ... --prompts_file prompts.jsonl --batch_size 8 --output out.jsonl
+    python generate.py ... --chat --system "Be brief." --prompt "What is a cache?"   # an instruct model
 
 Loading is lazy (meta device, memory-mapped weights assigned in place), the KV cache is static,
 and with --compile the decode step (or the self-speculative step) is compiled once and replayed
 (as a CUDA graph on a GPU). One prompt streams its text to stdout and reports tokens/s,
 bandwidth and peak memory; a prompts file runs --batch_size rows at once, refilling each row as
 its prompt ends, and appends every finished prompt to --output as one JSON line. With --json the
-last stdout line is a JSON object with every sample.
+last stdout line is a JSON object with every sample. With --chat each prompt is a user message in
+the checkpoint's chat template (--interactive --chat keeps the conversation).
 """
 import argparse
 import json
@@ -30,7 +32,7 @@ from common import (DTYPES, cache_length, check_device, check_exit_layer, comple
                     read_prompts_file, weight_bytes)
 from model import Transformer, load_model
 from self_spec import AUTO_K, AdaptiveK, decoding_functions, measure_step_seconds, parse_speculate_k, warm_up
-from tokenizer import load_tokenizer
+from tokenizer import load_tokenizer, render_chat
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "demo" / "model.pth"
 
@@ -48,6 +50,8 @@ class TextStream:
 
     def __call__(self, index: int, new_tokens: list[int], drafted: list[bool]) -> None:
         for token, from_draft in zip(new_tokens, drafted):
+            if token in self.tokenizer.stop_ids:  # the end of the reply, not a part of it (e.g. "<|eot_id|>")
+                continue
             self.tokens.append(token)
             text = self.tokenizer.decode(self.tokens)
             if text.endswith("\ufffd"):  # wait for the rest of the character
@@ -108,6 +112,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--prompt", default="def fibonacci(n):")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user message in the checkpoint's chat template (an instruct model); "
+                        "with --interactive the conversation is kept")
+    p.add_argument("--system", help="with --chat: the system message")
     p.add_argument("--prompts_file", type=Path, help='JSONL with a "prompt" field per line, or one prompt per line')
     p.add_argument("--batch_size", type=int, default=1,
                    help="rows generated at once: prompts of --prompts_file, or samples of --prompt")
@@ -144,6 +152,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         (args.interactive and args.prompts_file is not None, "--interactive and --prompts_file exclude each other"),
         ((args.output is not None or args.resume) and args.prompts_file is None, "--output and --resume need --prompts_file"),
         (args.resume and args.output is None, "--resume needs --output"),
+        (args.system is not None and not args.chat, "--system needs --chat"),
     ]
     for bad, message in checks:
         if bad:
@@ -209,7 +218,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         model = load_model(args.checkpoint_path, device, args.dtype, shard=tp.shard(rank, world) if world > 1 else None)
         if world > 1:
             tp.add_collectives(model)
-        tokenizer = load_tokenizer(args.checkpoint_path.parent / "tokenizer.model")
+        tokenizer = load_tokenizer(args.checkpoint_path.parent)
         entries = read_prompts_file(args.prompts_file) if args.prompts_file else None
     except (ValueError, OSError) as e:
         fail(str(e))
@@ -219,13 +228,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         check_exit_layer(flag, exit_layer, model.args.n_layer)
     if model.args.vocab_size < tokenizer.vocab_size:
         fail(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")
+    if args.chat and tokenizer.chat_template is None:
+        fail(f"--chat: {args.checkpoint_path.parent} has no chat template (chat_template.jinja or tokenizer_config.json's)")
 
     torch.manual_seed(args.seed)
     prefill_fn, steps = decoding_functions(**decoding_settings(args), compile=args.compile, device=args.device,
                                            compile_prefill=args.compile_prefill)
     slack = max(steps) + 1
     context = model.args.max_seq_length
-    generate_run = partial(generate_batch, model, prefill_fn=prefill_fn, steps=steps, eos_id=tokenizer.eos_id,
+    generate_run = partial(generate_batch, model, prefill_fn=prefill_fn, steps=steps, stop_ids=tokenizer.stop_ids,
                            batch_size=args.batch_size)
     info = {"checkpoint": str(args.checkpoint_path), "device": args.device,
             "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "compile": args.compile,
@@ -237,8 +248,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
 
     results, allocated, policy = [], 0, None
+    history = []  # --chat: the conversation's earlier turns
     for prompt_text in read_prompts() if args.interactive else [args.prompt]:
-        prompt_tokens = tokenizer.encode(prompt_text, bos=True)
+        prompt_tokens = encode_prompt(args, tokenizer, prompt_text, history)
         if len(prompt_tokens) >= context:
             fail(f"prompt is {len(prompt_tokens)} tokens; the model's context of {context} leaves no room")
         needed = cache_length([len(prompt_tokens)], args.max_new_tokens, context, slack)
@@ -248,7 +260,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         for _ in range(args.num_samples):
             stream = None
             if args.batch_size == 1:
-                print(prompt_text, end="", flush=True)
+                print("" if args.chat else prompt_text, end="", flush=True)  # a chat shows the reply alone
                 stream = TextStream(tokenizer, prompt_tokens, show_drafts=args.show_drafts)
             t0 = time.perf_counter()
             with torch.inference_mode():
@@ -259,11 +271,29 @@ def main(argv: Optional[list[str]] = None) -> None:
                 sample.pop("index")
                 sample["text"] = completion_text(tokenizer, prompt_tokens, sample["generated_tokens"])
                 if stream is None:
-                    print(f"{prompt_text}{sample['text']}\n")
+                    print(f"{'' if args.chat else prompt_text}{sample['text']}\n")
             results += samples
             report(samples, seconds, info["weight_bytes"], args.device)
+        if args.chat:  # the conversation goes on from the first sample's reply
+            reply = samples[0]["generated_tokens"]
+            reply = reply[:-1] if reply[-1] in tokenizer.stop_ids else reply
+            history += [{"role": "user", "content": prompt_text},
+                        {"role": "assistant", "content": completion_text(tokenizer, prompt_tokens, reply)}]
     if args.json:
         print(json.dumps({"samples": results, **info, "peak_memory_gb": peak_memory_gb(args.device)}))
+
+
+def encode_prompt(args: argparse.Namespace, tokenizer, prompt: str, history: list[dict] = ()) -> list[int]:
+    """A plain prompt after BOS; with --chat the user message `prompt` after --system and the
+    conversation so far, rendered in the chat template, its special tokens as their ids."""
+    if not args.chat:
+        return tokenizer.encode(prompt, bos=True)
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    messages = system + list(history) + [{"role": "user", "content": prompt}]
+    try:
+        return tokenizer.encode(render_chat(tokenizer, messages), bos=False, special=True)
+    except ValueError as e:
+        fail(str(e))
 
 
 def report(samples: list[dict], seconds: float, bytes_per_token: int, device: str) -> None:
@@ -297,7 +327,8 @@ def run_prompts_file(args: argparse.Namespace, model: Transformer, tokenizer, en
     from tqdm import tqdm
 
     settings = {key: info[key] for key in ("checkpoint", "dtype", "draft_layers", "speculate_k", "early_exit")}
-    settings.update(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    settings.update(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                    chat=args.chat, system=args.system)
     rank_0 = not dist.is_initialized() or dist.get_rank() == 0  # under torchrun only rank 0 touches --output
     try:
         done = read_finished(args.output, settings, entries) if args.resume and rank_0 else set()
@@ -319,7 +350,7 @@ def run_prompts_file(args: argparse.Namespace, model: Transformer, tokenizer, en
     for index, entry in enumerate(entries):
         if index in done:
             continue
-        tokens = tokenizer.encode(entry["prompt"], bos=True)
+        tokens = encode_prompt(args, tokenizer, entry["prompt"])
         if len(tokens) >= context:
             reason = f"prompt is {len(tokens)} tokens; the model's context of {context} leaves no room"
             print(f"warning: prompt {index} skipped: {reason}", file=sys.stderr)

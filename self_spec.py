@@ -228,7 +228,7 @@ class AdaptiveK:
 
 
 def speculative_generate(model: Transformer, prompt: Tensor, max_new_tokens: int, k: Union[int, str], *,
-                         temperature: float, top_k: Optional[int], eos_id: int,
+                         temperature: float, top_k: Optional[int], stop_ids: set[int],
                          prefill_fn: Callable = prefill, step_fn: Callable = speculative_step,
                          on_tokens: Optional[Callable[[int, list[int], list[bool]], None]] = None
                          ) -> tuple[list[int], dict]:
@@ -241,6 +241,6 @@ def speculative_generate(model: Transformer, prompt: Tensor, max_new_tokens: int
     steps = speculative_steps(AUTO_K if k == "auto" else (k,), temperature, top_k, step_fn)
     policy = AdaptiveK(measure_step_seconds(model, steps, 1)) if k == "auto" else None
     result = generate_batch(
-        model, [prompt.tolist()], max_new_tokens, eos_id=eos_id, on_tokens=on_tokens, policy=policy,
+        model, [prompt.tolist()], max_new_tokens, stop_ids=stop_ids, on_tokens=on_tokens, policy=policy,
         prefill_fn=partial(prefill_fn, temperature=temperature, top_k=top_k), steps=steps)[0]
     return result["generated_tokens"], {key: result[key] for key in ("acceptance_rate", "tokens_per_step", "k_steps")}

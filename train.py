@@ -36,7 +36,7 @@ from torch import Tensor
 
 from common import DTYPES, atomic_write, fail, save_checkpoint
 from model import ModelArgs, Transformer, load_model
-from tokenizer import load_tokenizer
+from tokenizer import load_tokenizer, tokenizer_file
 
 STATE_FILE = "train_state.pt"  # weights in float32 + optimizer state + step, for --resume
 
@@ -410,9 +410,9 @@ def train(args) -> None:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
 
     # tokenizer: kept from the run being resumed, taken from the initial checkpoint, given, or trained here
-    tokenizer_path = out_dir / "tokenizer.model"
+    tokenizer_path = tokenizer_file(out_dir)
     if state is None and args.init_checkpoint:
-        tokenizer_path = Path(args.init_checkpoint).parent / "tokenizer.model"
+        tokenizer_path = tokenizer_file(Path(args.init_checkpoint).parent)
     elif state is None and args.tokenizer:
         tokenizer_path = Path(args.tokenizer)
     new_tokenizer = state is None and not args.init_checkpoint and not args.tokenizer
@@ -516,7 +516,7 @@ def eval_only(args) -> None:
         path = Path(path)
         # as generate.py runs it: float32 activations, bfloat16 for a quantized file on a CPU
         model = load_model(path, args.device, None if args.device == "cpu" else torch.float32)
-        tokenizer = load_tokenizer(path.parent / "tokenizer.model")  # each model with its own tokenizer
+        tokenizer = load_tokenizer(path.parent)  # each model with its own tokenizer
         model.setup_rope(min(args.seq_len, model.args.max_seq_length))
         windows = eval_windows(encode(tokenizer, val_texts), min(args.seq_len, model.args.max_seq_length), args.eval_tokens)
         name = path.parent.name if path.name == "model.pth" else f"{path.parent.name}/{path.stem}"  # DIR/model_int8

@@ -13,7 +13,7 @@ from model import ModelArgs, Transformer, load_model
 from self_spec import AUTO_K, AdaptiveK, measure_step_seconds, speculative_generate, speculative_steps
 
 
-def run_batch(model, prompts, max_new, batch_size, exit_layer=None, k=0, eos_id=-1, temperature=0.0,
+def run_batch(model, prompts, max_new, batch_size, exit_layer=None, k=0, stop_ids=frozenset(), temperature=0.0,
               top_k=None, early_exit=False, ks=None, policy=None):
     """generate_batch with caches for these prompts; returns each prompt's tokens (and the results).
     One step with k drafts (0: autoregressive, or early-exit only), or several (ks) and a policy."""
@@ -25,16 +25,16 @@ def run_batch(model, prompts, max_new, batch_size, exit_layer=None, k=0, eos_id=
         steps = {0: partial(decode_one_token, early_exit=True, **sampling)}
     with torch.inference_mode():
         results = generate_batch(model, prompts, max_new, prefill_fn=partial(prefill, early_exit=early_exit, **sampling),
-                                 steps=steps, eos_id=eos_id, batch_size=batch_size, policy=policy)
+                                 steps=steps, stop_ids=stop_ids, batch_size=batch_size, policy=policy)
     return [r["generated_tokens"] for r in results], results
 
 
-def batch_one(model, prompt, max_new, exit_layer=None, k=0, eos_id=-1):
+def batch_one(model, prompt, max_new, exit_layer=None, k=0, stop_ids=frozenset()):
     model.setup_caches(1, len(prompt) + max_new + k + 1, exit_layer)
     with torch.inference_mode():
         if k:
-            return speculative_generate(model, torch.tensor(prompt), max_new, k, temperature=0, top_k=None, eos_id=eos_id)[0]
-        return generate(model, torch.tensor(prompt), max_new, temperature=0, top_k=None, eos_id=eos_id)[0]
+            return speculative_generate(model, torch.tensor(prompt), max_new, k, temperature=0, top_k=None, stop_ids=stop_ids)[0]
+        return generate(model, torch.tensor(prompt), max_new, temperature=0, top_k=None, stop_ids=stop_ids)[0]
 
 
 @pytest.mark.parametrize("style", ["llama2", "llama32"])
@@ -50,12 +50,16 @@ def test_batched_greedy_equals_batch_one_per_row(checkpoints, style):
     # at different steps, some inside a step's accepted drafts.
     def ends(token):
         return {r.index(token) if token in r else max_new for r in free_running}
-    eos_id = max(sorted({t for r in free_running for t in r}), key=lambda t: len(ends(t)))
-    reference = [batch_one(model, p, max_new, eos_id=eos_id) for p in prompts]
+    by_spread = sorted(sorted({t for r in free_running for t in r}), key=lambda t: len(ends(t)))
+    # two stop ids (Llama 3 instruct has several EOS): each row ends at the first of either, kept
+    stop_ids = {by_spread[-1], by_spread[-2]}
+    reference = [r[: min([i for i, t in enumerate(r) if t in stop_ids] + [max_new - 1]) + 1] for r in free_running]
     assert len({len(r) for r in reference}) > 2, "rows should end at different steps"
+    assert {r[-1] for r in reference} >= stop_ids, "each stop id should end some row"
+    assert [batch_one(model, p, max_new, N_LAYER // 2, 3, stop_ids) for p in prompts] == reference
     cases = [(None, 0, 2), (None, 0, 5), (1, 3, 2), (N_LAYER // 2, 1, 5), (N_LAYER - 1, 8, 5), (N_LAYER // 2, 3, 2)]
     for exit_layer, k, batch_size in cases:
-        tokens, results = run_batch(model, prompts, max_new, batch_size, exit_layer, k, eos_id)
+        tokens, results = run_batch(model, prompts, max_new, batch_size, exit_layer, k, stop_ids)
         assert tokens == reference, (exit_layer, k, batch_size)
         if k:  # a prompt that ends at its first token (EOS straight away) has no step to count
             assert all(0 <= r["acceptance_rate"] <= 1 if len(r["generated_tokens"]) > 1 else r["acceptance_rate"] is None
@@ -232,7 +236,7 @@ def test_loop_bookkeeping_on_a_scripted_model():
 
     start = time.perf_counter()
     results = generate_batch(model, prompts, max_new, prefill_fn=prefill_fn, steps={k: partial(step, k=k) for k in (0, 2, 3)},
-                             eos_id=eos, batch_size=2, policy=Policy(), stop=stop,
+                             stop_ids={eos}, batch_size=2, policy=Policy(), stop=stop,
                              on_tokens=lambda index, new, drafted: events.append(("tokens", index, new, drafted)),
                              on_done=lambda result: events.append(("done", result)))
     wall = time.perf_counter() - start
@@ -357,7 +361,7 @@ def test_an_autoregressive_step_marks_no_token_as_a_draft():
         with torch.inference_mode():
             results = generate_batch(model, prompts, max_new, prefill_fn=partial(prefill, temperature=0, top_k=None, early_exit=early_exit),
                                      steps={0: partial(decode_one_token, temperature=0, top_k=None, early_exit=early_exit)},
-                                     eos_id=-1, batch_size=2, on_tokens=lambda index, new, drafted: marked.extend(drafted))
+                                     stop_ids=set(), batch_size=2, on_tokens=lambda index, new, drafted: marked.extend(drafted))
             token, pos = torch.tensor([[2], [5]]), torch.tensor([5, 2])
             out, n, next_token, next_pos = decode_one_token(model, token, pos, 0, None, early_exit=early_exit)
         assert [r["generated_tokens"] for r in results] == reference, early_exit
@@ -412,6 +416,6 @@ def test_the_loop_keeps_its_state_on_the_models_device(monkeypatch):
         seen.extend(t.device.type for t in (token, pos))
         return torch.full((2, 1), 7), torch.zeros(2, dtype=torch.long), token + 0, pos + 1
 
-    results = generate_batch(model, [[1, 2], [3], [4, 5]], 3, prefill_fn=prefill_fn, steps={0: step}, eos_id=-1, batch_size=2)
+    results = generate_batch(model, [[1, 2], [3], [4, 5]], 3, prefill_fn=prefill_fn, steps={0: step}, stop_ids=set(), batch_size=2)
     assert [r["generated_tokens"] for r in results] == [[7, 7, 7]] * 3 and set(seen) == {"meta"}
     assert len(seen) == 3 * 2 + 2 * 4 + 2 * 2  # two prefills, four steps, the last two with a row parked

@@ -7,6 +7,7 @@ import json
 import pytest
 
 import benchmark
+import peers
 from tokenizer import load_tokenizer
 
 FAST = ["--max_new_tokens", "10", "--repeats", "1", "--threads", "1", "--draft_layers", "2", "--speculate_k", "3"]
@@ -131,7 +132,7 @@ def test_write_hf_checkpoint_round_trip(checkpoints, tmp_path):
     from model import load_model
     path, _ = checkpoints("llama32")  # tied head, grouped-query attention, llama3 rope scaling
     model = load_model(path)
-    benchmark.write_hf_checkpoint(model, path.parent / "tokenizer.model", tmp_path)
+    peers.write_hf_checkpoint(model, path.parent / "tokenizer.model", tmp_path)
     convert(tmp_path)
     again = load_model(tmp_path / "model.pth")
     assert again.args == model.args
@@ -285,7 +286,7 @@ def test_bad_input_is_one_line(checkpoints, tmp_path, capsys, monkeypatch):
     ("bfloat16", ("int4", 32), ("f32", "Q4_0", "bf16", "bf16")),  # Q4_0: blocks of 32, as the engine's groups
 ])
 def test_llama_cpp_formats(dtype, quantization, expected):
-    formats = benchmark.llama_cpp_formats(dtype, quantization)
+    formats = peers.llama_cpp_formats(dtype, quantization)
     assert (formats["outtype"], formats["quant"], formats["embedding"], formats["kv"]) == expected
 
 
@@ -297,7 +298,7 @@ def test_llama_cpp_formats(dtype, quantization, expected):
 ])
 def test_llama_cpp_formats_without_a_counterpart(dtype, quantization, words):
     with pytest.raises(ValueError, match=words):
-        benchmark.llama_cpp_formats(dtype, quantization)
+        peers.llama_cpp_formats(dtype, quantization)
 
 
 def test_engine_quantization_read_from_the_loaded_model(checkpoints, tmp_path):
@@ -306,7 +307,7 @@ def test_engine_quantization_read_from_the_loaded_model(checkpoints, tmp_path):
     from model import ModelArgs, load_model
     from quantize import quantize_state
     path, _ = checkpoints("llama2")
-    assert benchmark.engine_quantization(load_model(path)) is None
+    assert peers.engine_quantization(load_model(path)) is None
     for mode, groupsize, expected in (("int8", None, ("int8", None)), ("int4", 32, ("int4", 32))):
         folder = tmp_path / mode
         folder.mkdir()
@@ -314,7 +315,7 @@ def test_engine_quantization_read_from_the_loaded_model(checkpoints, tmp_path):
         state, _ = quantize_state(torch.load(path, weights_only=True), ModelArgs.load(folder / "model_config.json"),
                                   mode, groupsize)
         torch.save(state, folder / "model_q.pth")
-        assert benchmark.engine_quantization(load_model(folder / "model_q.pth")) == expected
+        assert peers.engine_quantization(load_model(folder / "model_q.pth")) == expected
 
 
 @pytest.mark.parametrize("tokens, reference, expected", [
@@ -325,7 +326,7 @@ def test_engine_quantization_read_from_the_loaded_model(checkpoints, tmp_path):
     ([1, 2, 3], [1, 2], 2),
 ])
 def test_first_divergence(tokens, reference, expected):
-    assert benchmark.first_divergence(tokens, reference) == expected
+    assert peers.first_divergence(tokens, reference) == expected
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -333,7 +334,7 @@ def test_first_divergence(tokens, reference, expected):
     ('{"ready": true, "n_vocab": 32}', {"ready": True, "n_vocab": 32}),
 ])
 def test_parse_worker_reply(line, expected):
-    assert benchmark.parse_worker_reply(line) == expected
+    assert peers.parse_worker_reply(line) == expected
 
 
 @pytest.mark.parametrize("line, words", [
@@ -344,7 +345,7 @@ def test_parse_worker_reply(line, expected):
 ])
 def test_parse_worker_reply_errors(line, words):
     with pytest.raises(ValueError, match=words):
-        benchmark.parse_worker_reply(line)
+        peers.parse_worker_reply(line)
 
 
 @pytest.mark.parametrize("unset, value, words", [
@@ -401,7 +402,7 @@ def test_quantized_checkpoint_needs_its_unquantized_source(checkpoints, tmp_path
 def test_engine_rows_are_compared_with_llama_cpps_autoregressive_rows():
     """llama.cpp cannot draft: every engine row is set beside its AR; transformers' rows by k."""
     def method(name, engine, k):
-        return benchmark.Method(name, engine, k, 1 if k else None, None)
+        return peers.Method(name, engine, k, 1 if k else None, None)
     methods = [method("autoregressive", "this", 0), method("self-speculative k=3", "this", 3),
                method("llama.cpp", "llama.cpp", 0), method("transformers", "transformers", 0),
                method("transformers early exit k=3", "transformers", 3)]
@@ -411,7 +412,7 @@ def test_engine_rows_are_compared_with_llama_cpps_autoregressive_rows():
     tokens = {"llama.cpp": [1, 2, 9, 4]}
     rows = [{"methods": {m.name: {"new_tokens": 4, "seconds": seconds[m.name], "speedup": 1.0, "acceptance_rate": None,
                                   "tokens_per_step": None, "tokens_equal_ar": tokens.get(m.name, reference) == reference,
-                                  "first_divergence": benchmark.first_divergence(tokens.get(m.name, reference), reference),
+                                  "first_divergence": peers.first_divergence(tokens.get(m.name, reference), reference),
                                   "k_steps": None} for m in methods}}]
     agg = {row["method"]: row for row in benchmark.aggregate(methods, rows, {}, 1)}
     assert agg["autoregressive"]["vs_llama.cpp"] == pytest.approx(2.0)
@@ -430,7 +431,7 @@ def test_a_peer_timed_in_its_own_process_reports_its_seconds():
     def run(prompts, batch_size):
         return [{"generated_tokens": [7], "acceptance_rate": None, "tokens_per_step": None, "timed_seconds": 0.125}
                 for _ in prompts]
-    peer = benchmark.Method("llama.cpp", "llama.cpp", 0, None, run)
+    peer = peers.Method("llama.cpp", "llama.cpp", 0, None, run)
     (timed,) = benchmark.time_groups([peer], [[{"tokens": [1]}, {"tokens": [2]}]], 1, 3, "cpu", lambda groups: groups)
     assert timed["llama.cpp"]["seconds"] == 0.25
 
@@ -496,29 +497,29 @@ def test_llama_cpp_worker_protocol(tmp_path, capsys):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     env = {"LCPP_PY": sys.executable, "LCPP_CONVERT": "", "LCPP_PYTHONPATH": str(tmp_path)}
-    worker = benchmark.LlamaCppWorker(env, gguf, 1, 64, 0, tmp_path / "worker.log")
+    worker = peers.LlamaCppWorker(env, gguf, 1, 64, 0, tmp_path / "worker.log")
     try:
         assert worker.ready["ready"] and worker.ready["n_vocab"] == 50 and worker.ready["llama_cpp_python"] == "fake"
-        reply = worker.ask({"prompt": [1, 4, 2], "max_new_tokens": 6, "stop": -1})
+        reply = worker.ask({"prompt": [1, 4, 2], "max_new_tokens": 6, "stop_ids": []})
         assert reply["tokens"] == fake_greedy(2, 6) and reply["seconds"] > 0
         stop = fake_greedy(2, 6)[3]
-        assert worker.ask({"prompt": [1, 4, 2], "max_new_tokens": 6, "stop": stop})["tokens"] == fake_greedy(2, 4)
-        again = worker.ask({"prompt": [3], "max_new_tokens": 2, "stop": -1})  # a fresh sequence each time
+        assert worker.ask({"prompt": [1, 4, 2], "max_new_tokens": 6, "stop_ids": [stop]})["tokens"] == fake_greedy(2, 4)
+        again = worker.ask({"prompt": [3], "max_new_tokens": 2, "stop_ids": []})  # a fresh sequence each time
         assert again["tokens"] == fake_greedy(3, 2)
         logits = torch.frombuffer(bytearray(base64.b64decode(worker.ask({"logits": [1, 4, 2]})["logits"])),
                                   dtype=torch.float32)
         assert logits.shape == (50,) and logits.argmax().item() == 7 and logits[7] == 2.0
-        full = worker.ask({"prompt": [1] * 15, "max_new_tokens": 6, "stop": -1})  # 20 positions: the whole context,
+        full = worker.ask({"prompt": [1] * 15, "max_new_tokens": 6, "stop_ids": []})  # 20 positions: the whole context,
         assert full["tokens"] == fake_greedy(1, 6)  # free again: the cache is cleared before each request
         with pytest.raises(SystemExit):  # past the context: llama_decode fails, the benchmark ends
-            worker.ask({"prompt": [1] * 18, "max_new_tokens": 6, "stop": -1})
+            worker.ask({"prompt": [1] * 18, "max_new_tokens": 6, "stop_ids": []})
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: llama.cpp's worker:") and "llama_decode failed" in lines[0]
-        assert worker.process.wait(timeout=10) == 0 and worker not in benchmark.LlamaCppWorker.running
+        assert worker.process.wait(timeout=10) == 0 and worker not in peers.LlamaCppWorker.running
     finally:
-        benchmark.LlamaCppWorker.close_all()
+        peers.LlamaCppWorker.close_all()
     with pytest.raises(SystemExit):
-        benchmark.LlamaCppWorker(env, tmp_path / "broken.gguf", 1, 64, 0, tmp_path / "worker.log")
+        peers.LlamaCppWorker(env, tmp_path / "broken.gguf", 1, 64, 0, tmp_path / "worker.log")
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "cannot load" in lines[0] and "unknown model architecture" in lines[0], lines
 
@@ -527,11 +528,11 @@ def test_sentencepiece_stand_in_for_llama_cpps_converter(tmp_path, capsys):
     """llama.cpp's converter reads no tiktoken file: a small SentencePiece model stands in (the worker
     is fed ids), which the converter pads to the model's vocabulary."""
     from tokenizer import SentencePieceTokenizer
-    benchmark.sentencepiece_stand_in(tmp_path / "tokenizer.model", 32000)
+    peers.sentencepiece_stand_in(tmp_path / "tokenizer.model", 32000)
     tokenizer = load_tokenizer(tmp_path / "tokenizer.model")
     assert isinstance(tokenizer, SentencePieceTokenizer) and tokenizer.vocab_size <= 300
     assert (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
     with pytest.raises(SystemExit):
-        benchmark.sentencepiece_stand_in(tmp_path / "small.model", 200)
+        peers.sentencepiece_stand_in(tmp_path / "small.model", 200)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--vocab_size 300" in lines[0]

@@ -48,6 +48,9 @@ def test_bad_folders_give_one_clear_line(tmp_path, capsys):
     assert "no config.json" in error_line("--checkpoint_dir", str(tmp_path / "empty"))
     (folder / "tokenizer.model").rename(tmp_path / "tokenizer.model")
     assert "no tokenizer.model" in error_line("--checkpoint_dir", str(folder))
+    (folder / "tokenizer.json").write_text("{not json")  # the third kind, read before any write
+    assert "is not a Hugging Face tokenizer.json" in error_line("--checkpoint_dir", str(folder))
+    (folder / "tokenizer.json").unlink()
     (tmp_path / "tokenizer.model").rename(folder / "tokenizer.model")
     weights = folder / "model.safetensors"
     weights.rename(tmp_path / "weights")
@@ -79,3 +82,18 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, mon
         convert_hf_checkpoint.convert(folder)
     assert not (folder / "model.pth").exists()
     assert not list(folder.glob("*.tmp"))
+
+
+def test_tokenizer_json_folder_converts_with_its_stop_ids(checkpoints):
+    """A folder with tokenizer.json and no tokenizer.model (most published checkpoints): the engine's
+    files beside it, the EOS ids of config.json (1) and generation_config.json ([1, 4]) in stop_ids.json."""
+    from tokenizer import HFTokenizer, load_tokenizer
+    path, hf = checkpoints("json")
+    folder = path.parent
+    assert not (folder / "tokenizer.model").exists()
+    assert {p.name for p in folder.iterdir()} >= {"model.pth", "model_config.json", "tokenizer.json",
+                                                  "tokenizer_config.json", "stop_ids.json", "chat_template.jinja"}
+    tokenizer = load_tokenizer(folder)
+    assert isinstance(tokenizer, HFTokenizer) and tokenizer.stop_ids == {1, 4} and tokenizer.chat_template
+    state = torch.load(path, weights_only=True)
+    assert torch.equal(state["tok_embeddings.weight"], hf.model.embed_tokens.weight)

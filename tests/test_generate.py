@@ -43,7 +43,7 @@ def greedy_reference(path, prompt_tokens: list[int], max_new: int, eos_id: int =
     model = load_model(path)
     model.setup_caches(1, len(prompt_tokens) + max_new + 1)
     with torch.inference_mode():
-        return generate_tokens(model, torch.tensor(prompt_tokens), max_new, temperature=0, top_k=None, eos_id=eos_id)[0]
+        return generate_tokens(model, torch.tensor(prompt_tokens), max_new, temperature=0, top_k=None, stop_ids={eos_id})[0]
 
 
 def test_json_contract_and_greedy_tokens_equal_transformers(checkpoints):
@@ -109,7 +109,7 @@ def test_show_drafts_colours_exactly_the_accepted_drafts(checkpoints, monkeypatc
     model.setup_caches(1, 64, exit_layer)
     marked = []
     with torch.inference_mode():
-        tokens, _ = speculative_generate(model, torch.tensor(prompt), 30, k, temperature=0, top_k=None, eos_id=-1,
+        tokens, _ = speculative_generate(model, torch.tensor(prompt), 30, k, temperature=0, top_k=None, stop_ids=set(),
                                          on_tokens=lambda index, new, drafted: marked.extend(drafted))
 
         def exit_guess(seq):

@@ -25,7 +25,7 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoints, style, fmt):
 
     with torch.inference_mode():
         ref = hf.generate(ids[None], max_new_tokens=48, do_sample=False)[0, len(prompt):].tolist()
-        tokens, _ = generate(model, ids, 48, temperature=0, top_k=None, eos_id=hf.config.eos_token_id)
+        tokens, _ = generate(model, ids, 48, temperature=0, top_k=None, stop_ids={hf.config.eos_token_id})
     assert len(set(ref)) > 5  # a degenerate model (one repeated token) would prove little
     assert tokens == ref
 

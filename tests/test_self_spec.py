@@ -19,12 +19,12 @@ from tokenizer import load_tokenizer
 MAX_NEW = 37  # a multiple of none of k + 1 = 2, 4, 9
 
 
-def greedy(model, prompt, exit_layer=None, k=0, eos_id=-1, max_new=MAX_NEW):
+def greedy(model, prompt, exit_layer=None, k=0, stop_ids=frozenset(), max_new=MAX_NEW):
     model.setup_caches(1, len(prompt) + max_new + (max(AUTO_K) if k == "auto" else k) + 1, exit_layer)
     with torch.inference_mode():
         if k:
-            return speculative_generate(model, prompt, max_new, k, temperature=0, top_k=None, eos_id=eos_id)
-        return generate(model, prompt, max_new, temperature=0, top_k=None, eos_id=eos_id)
+            return speculative_generate(model, prompt, max_new, k, temperature=0, top_k=None, stop_ids=stop_ids)
+        return generate(model, prompt, max_new, temperature=0, top_k=None, stop_ids=stop_ids)
 
 
 @pytest.mark.parametrize("style", ["llama2", "llama32"])
@@ -61,7 +61,7 @@ def test_eos_inside_a_step_and_max_new_tokens(checkpoints):
     for stop in (2, 5, 7):  # positions inside steps 1 and 2 (step boundaries are at 4, 8, ...)
         eos_id = reference[stop]
         first = reference.index(eos_id)
-        tokens, _ = greedy(model, prompt, N_LAYER - 2, k=3, eos_id=eos_id)
+        tokens, _ = greedy(model, prompt, N_LAYER - 2, k=3, stop_ids={eos_id})
         assert tokens == reference[: first + 1]
     for max_new in (1, 2, 6):
         tokens, _ = greedy(model, prompt, N_LAYER - 2, k=3, max_new=max_new)
@@ -87,10 +87,10 @@ def test_documented_combinations_compile_on_two_threads_one_graph_each_and_exact
     tokenizer = load_tokenizer(path.parent / "tokenizer.model")
     model = load_model(path)
     encoded = [torch.tensor(tokenizer.encode(t)) for t in texts + [long_text]]
-    reference = [greedy(model, p, eos_id=tokenizer.eos_id)[0] for p in encoded]
+    reference = [greedy(model, p, stop_ids=tokenizer.stop_ids)[0] for p in encoded]
     model.setup_caches(1, len(encoded[0]) + MAX_NEW + 1, 2)  # --early_exit 2: layers [0, 2) and the head alone
     with torch.inference_mode():
-        early = generate(model, encoded[0], MAX_NEW, temperature=0, top_k=None, eos_id=tokenizer.eos_id, early_exit=True)[0]
+        early = generate(model, encoded[0], MAX_NEW, temperature=0, top_k=None, stop_ids=tokenizer.stop_ids, early_exit=True)[0]
     quantize_main(["--checkpoint_path", str(path), "--mode", "int8", "--output", str(tmp_path / "model_int8.pth")])
     shutil.copy(path.parent / "model_config.json", tmp_path)
     shutil.copy(path.parent / "tokenizer.model", tmp_path)
@@ -205,7 +205,7 @@ def auto_greedy(model, prompt, exit_layer, costs, max_new=60):
     model.setup_caches(1, len(prompt) + max_new + max(AUTO_K) + 1, exit_layer)
     with torch.inference_mode():
         result = generate_batch(model, [prompt.tolist()], max_new, prefill_fn=partial(prefill, temperature=0, top_k=None),
-                                steps=speculative_steps(AUTO_K, 0, None), eos_id=-1, policy=AdaptiveK(costs))[0]
+                                steps=speculative_steps(AUTO_K, 0, None), stop_ids=set(), policy=AdaptiveK(costs))[0]
     return result["generated_tokens"], result
 
 
@@ -355,10 +355,10 @@ def test_speculative_generate_binds_the_sampling_the_step_and_the_policy(checkpo
 
     model.setup_caches(1, len(prompt) + 40 + max(AUTO_K) + 1, 2)
     with torch.inference_mode():
-        tokens, stats = speculative_generate(model, prompt, 40, 3, temperature=1e4, top_k=1, eos_id=-1, step_fn=step)
+        tokens, stats = speculative_generate(model, prompt, 40, 3, temperature=1e4, top_k=1, stop_ids=set(), step_fn=step)
         assert tokens == reference and set(ks) == {3} and stats["k_steps"] == {3: len(ks)} and measured == []
         assert stats["acceptance_rate"] == 1.0  # the drafts too are sampled with top_k = 1
-        tokens, stats = speculative_generate(model, prompt, 40, "auto", temperature=0, top_k=None, eos_id=-1)
+        tokens, stats = speculative_generate(model, prompt, 40, "auto", temperature=0, top_k=None, stop_ids=set())
     assert tokens == reference and measured == [(model, sorted(AUTO_K), 1)]
     assert stats["acceptance_rate"] == 1.0 and stats["k_steps"][max(AUTO_K)] >= 3, stats
 

@@ -1,11 +1,13 @@
-"""tokenizer.py against the sentencepiece and tiktoken libraries, on tiny tokenizer files made offline."""
+"""tokenizer.py against the sentencepiece, tiktoken and transformers libraries, on tiny tokenizer files made offline."""
+import json
+
 import pytest
 import sentencepiece as spm
 import tiktoken
 import tiktoken.load
 
-from tiny_tokenizers import SAMPLE_TEXT, make_sentencepiece_model, make_tiktoken_model
-from tokenizer import LLAMA3_PATTERN, SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer
+from tiny_tokenizers import SAMPLE_TEXT, make_sentencepiece_model, make_tiktoken_model, make_tokenizer_json
+from tokenizer import LLAMA3_PATTERN, HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer
 
 SP_VOCAB, TK_MERGES = 320, 200
 TK_BASE = 256 + TK_MERGES
@@ -43,9 +45,15 @@ def tk_path(tmp_path_factory):
     return make_tiktoken_model(tmp_path_factory.mktemp("llama2") / "tokenizer.model", n_merges=TK_MERGES)
 
 
-@pytest.fixture(params=["sentencepiece", "tiktoken"])
-def tok(request, sp_path, tk_path):
-    return load_tokenizer(sp_path if request.param == "sentencepiece" else str(tk_path))  # str and Path both work
+@pytest.fixture(scope="module")
+def json_folder(tmp_path_factory):
+    return make_tokenizer_json(tmp_path_factory.mktemp("hf")).parent
+
+
+@pytest.fixture(params=["sentencepiece", "tiktoken", "tokenizer.json"])
+def tok(request, sp_path, tk_path, json_folder):
+    paths = {"sentencepiece": sp_path, "tiktoken": str(tk_path), "tokenizer.json": json_folder}
+    return load_tokenizer(paths[request.param])  # a file (str or Path) or a checkpoint folder
 
 
 def test_llama3_pattern_is_metas():
@@ -108,6 +116,8 @@ def test_tiktoken_ids(tk_path):
 
 @pytest.mark.parametrize("text", ["<|end_of_text|>", "a <|begin_of_text|> b <|eot_id|>", "</s><s>", "<unk>"])
 def test_text_cannot_inject_special_ids(tok, text):
+    if isinstance(tok, HFTokenizer):
+        pytest.skip("a tokenizer.json parses special-token strings, as transformers does (test_json_matches_transformers)")
     ids = tok.encode(text, bos=False)
     assert tok.bos_id not in ids and tok.eos_id not in ids
     if isinstance(tok, TiktokenTokenizer):
@@ -155,3 +165,51 @@ def test_garbage_file(tmp_path, content):
     with pytest.raises(ValueError, match="is neither a SentencePiece nor a tiktoken tokenizer.model") as e:
         load_tokenizer(path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)  # one line on stderr
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_json_matches_transformers(tmp_path, bos):
+    """Ids equal AutoTokenizer's on the same folder, BOS where the post-processor adds it (SmolLM2's
+    adds none), special-token strings as their ids; decode is transformers' too."""
+    from transformers import AutoTokenizer
+    make_tokenizer_json(tmp_path, bos=bos)
+    ours, ref = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    for text in TEXTS + ["<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"]:
+        assert ours.encode(text) == ref(text)["input_ids"], text
+        assert ours.encode(text, bos=False) == ref(text, add_special_tokens=False)["input_ids"], text
+        assert ours.decode(ours.encode(text)) == ref.decode(ref(text)["input_ids"]), text
+    assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (ref.bos_token_id, ref.eos_token_id, len(ref))
+    assert ours.encode("x", bos=True)[0] == 0 if bos else ours.encode("x") == ours.encode("x", bos=False)
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tiktoken"])
+def test_special_strings_are_ids_when_asked(kind, sp_path, tk_path):
+    """A rendered chat template writes special tokens as text: encode(special=True) makes them ids."""
+    tok = load_tokenizer(sp_path if kind == "sentencepiece" else tk_path)
+    text = f"{tok.bos_token}hi there{tok.eos_token} and{tok.bos_token}"
+    ids = tok.encode(text, bos=False, special=True)
+    hi, there = tok.encode("hi there", bos=False), tok.encode(" and", bos=False)
+    assert ids == [tok.bos_id] + hi + [tok.eos_id] + there + [tok.bos_id]
+    assert tok.bos_id not in tok.encode(text, bos=False)  # and plain text otherwise
+
+
+def test_stop_ids_and_chat_template_come_from_the_folder(json_folder, tmp_path):
+    import shutil
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(json_folder / name, tmp_path / name)
+    tok = load_tokenizer(tmp_path)
+    assert tok.stop_ids == {tok.eos_id} and tok.chat_template is None
+    (tmp_path / "stop_ids.json").write_text('{"stop_ids": [1, 4]}')
+    config = {"bos_token": {"content": "<|begin_of_text|>"}, "eos_token": "<|eot_id|>", "chat_template": "{{ x }}"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))  # AddedToken dicts as older configs write
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    assert (tok.stop_ids, tok.eos_id, tok.bos_id, tok.chat_template) == ({1, 4}, 4, 0, "{{ x }}")
+    (tmp_path / "chat_template.jinja").write_text("{{ y }}")  # transformers 5's file wins
+    assert load_tokenizer(tmp_path).chat_template == "{{ y }}"
+    config["eos_token"] = "<|nope|>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="names no eos_token"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not a Hugging Face tokenizer.json"):
+        load_tokenizer(tmp_path)

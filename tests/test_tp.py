@@ -39,7 +39,7 @@ def outputs(model: Transformer) -> dict:
     torch.manual_seed(7)
     model.setup_caches(1, len(PROMPT) + 30, 2)
     with torch.inference_mode():
-        out["sampled"] = speculative_generate(model, prompt, 20, 3, temperature=0.8, top_k=50, eos_id=-1)[0]
+        out["sampled"] = speculative_generate(model, prompt, 20, 3, temperature=0.8, top_k=50, stop_ids=set())[0]
     return out
 
 

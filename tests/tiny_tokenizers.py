@@ -2,10 +2,13 @@
 
 make_sentencepiece_model: a Llama-2-style SentencePiece BPE model (unk=0, bos=1, eos=2, byte fallback).
 make_tiktoken_model: a Llama-3-format tiktoken BPE file (256 single bytes, then learned merges).
-Both learn from SAMPLE_TEXT, a few KB of English and Python.
+make_tokenizer_json: a Hugging Face byte-level BPE tokenizer.json with Llama 3's special tokens and
+tokenizer_config.json beside it.
+All learn from SAMPLE_TEXT, a few KB of English and Python.
 """
 import base64
 import io
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -111,3 +114,28 @@ def make_tiktoken_model(path: Path, n_merges: int = 200) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
     return path
+
+
+JSON_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def make_tokenizer_json(folder: Path, vocab_size: int = 400, bos: bool = True) -> Path:
+    """folder/tokenizer.json (byte-level BPE, special ids 0-4; with bos, a post-processor that adds
+    <|begin_of_text|> as Llama 3's does) and folder/tokenizer_config.json naming BOS and EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=JSON_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(SAMPLE_TEXT.splitlines(keepends=True), trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                           special_tokens=[("<|begin_of_text|>", 0)])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder / "tokenizer.json"
