@@ -427,10 +427,10 @@ def test_warm_up_lets_dynamo_compile_as_many_graphs_as_it_asks_for(monkeypatch):
     setting): auto's six steps at a second cache length are twelve graphs, past dynamo's default
     limit of 8, which under fullgraph=True fails. The limit follows what was asked for, no further."""
     import self_spec
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     monkeypatch.setattr(self_spec, "_warmed_graphs", 0)
     model, steps = stand_in_model(16), {k: lambda model, token, pos: None for k in AUTO_K}
-    warm_up(model, lambda *args: None, steps, batch_size=1)
-    assert torch._dynamo.config.recompile_limit == 8
-    warm_up(model, lambda *args: None, steps, batch_size=2)
-    assert torch._dynamo.config.recompile_limit == 2 * len(AUTO_K) == 12
+    with torch._dynamo.config.patch(recompile_limit=8):  # restored afterwards (monkeypatch would delete it)
+        warm_up(model, lambda *args: None, steps, batch_size=1)
+        assert torch._dynamo.config.recompile_limit == 8
+        warm_up(model, lambda *args: None, steps, batch_size=2)
+        assert torch._dynamo.config.recompile_limit == 2 * len(AUTO_K) == 12
