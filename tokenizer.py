@@ -6,7 +6,9 @@
 
 The kind is chosen from the file's content, never from its name or folder.
 `load_tokenizer(path)` returns an object with `encode(text, bos=True)`, `decode(ids)`,
-`bos_id`, `eos_id` and `vocab_size`.
+`bos_id`, `eos_id`, `vocab_size`, `emitted_ids` (the special tokens a model emits) and
+`frequency_order()` (every id, the emitted ones and then the likely frequent first: what a draft
+head over the frequent part of the vocabulary keeps by default).
 """
 import base64
 from pathlib import Path
@@ -49,6 +51,7 @@ class SentencePieceTokenizer:
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
         self.vocab_size: int = self.sp.vocab_size()
+        self.emitted_ids: list[int] = [self.eos_id]
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         # control symbols written as text ("<s>") are not parsed by sentencepiece, so text cannot inject them
@@ -57,6 +60,13 @@ class SentencePieceTokenizer:
     def decode(self, ids: list[int]) -> str:
         # ids past the tokenizer's own (a model's vocabulary padded beyond it) stand for no text
         return self.sp.decode([i for i in ids if i < self.vocab_size])
+
+    def frequency_order(self) -> list[int]:
+        """EOS, then by score: a BPE piece's score is minus its merge rank (earlier merges join more
+        frequent pairs), a unigram piece's its log probability."""
+        scores = [self.sp.get_score(i) for i in range(self.vocab_size)]
+        order = sorted(range(self.vocab_size), key=lambda i: -scores[i])
+        return self.emitted_ids + [i for i in order if i not in self.emitted_ids]
 
 
 class TiktokenTokenizer:
@@ -71,6 +81,9 @@ class TiktokenTokenizer:
         self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
         self.eos_id: int = self.special_tokens["<|end_of_text|>"]  # HF's EOS for the base (not instruct) models
         self.vocab_size: int = n + LLAMA3_NUM_SPECIAL
+        # end of text, of turn, of message, a tool call
+        emitted = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>")
+        self.emitted_ids: list[int] = [self.special_tokens[t] for t in emitted]
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         # allowed_special=set() and disallowed_special=(): special-token strings in the text are encoded as
@@ -84,6 +97,12 @@ class TiktokenTokenizer:
         # a prefix of the generated ids may end inside a multi-byte character: replace, don't raise;
         # ids past the tokenizer's own (a model's vocabulary padded beyond it) stand for no text
         return self.model.decode([i for i in ids if i < self.vocab_size], errors="replace")
+
+    def frequency_order(self) -> list[int]:
+        """The special tokens a model emits, then the base tokens by rank (a BPE's rank is its merge
+        order: the frequent pairs first), then the other special tokens (headers, reserved)."""
+        return self.emitted_ids + list(range(self.vocab_size - LLAMA3_NUM_SPECIAL)) + [
+            i for i in self.special_tokens.values() if i not in self.emitted_ids]
 
 
 def _llama3_chunks(text: str, max_chars: int = 400_000, max_run: int = 25_000):
