@@ -1473,7 +1473,7 @@ def sweep_report(result: dict, grid_axes: list[list[int]]) -> list[str]:
 
 def profile_report(ms: dict, exit_layer: int, ks: list[int], bandwidth: float, ar_gbs: Optional[float]) -> list[str]:
     rows = [("full token (AR decode step)", ms["full"]), (f"early pass (layers [0, {exit_layer})), 1 token", ms["early"]),
-            ("draft head (norm + LM head" + (f" over {args.draft_vocab} tokens" if args.draft_vocab else "") + "), 1 token", ms["head"])]
+            ("draft head (norm + LM head, or its rows of the draft vocabulary), 1 token", ms["head"])]
     for k in ks:
         rows += [(f"late pass, {k + 1} tokens", ms["late_verify"][k]), (f"head, {k + 1} tokens", ms["head_verify"][k]),
                  (f"whole step k={k}", ms["step"][k]),
