@@ -224,3 +224,22 @@ def test_generate_with_a_draft_vocabulary_and_its_bad_input(checkpoints, tmp_pat
             generate.main(common + flags)
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code != 0 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (flags, lines)
+
+
+def test_eval_reports_the_share_of_drafts_each_draft_vocabulary_keeps():
+    """evaluate_layers' "kept": per exit layer, how often the argmax over the kept tokens is the
+    argmax over all - counted here from each exit's logits directly: all of them for the whole
+    vocabulary, none for the tokens that are never an argmax, and the share in between."""
+    import train
+    from test_train import tiny_model
+    model = tiny_model(n_layer=4).eval()
+    windows = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        argmax = [model.head(h).argmax(-1) for h in train.run_layers(model, windows[:, :-1])]
+    favourites = torch.cat(argmax).unique()
+    never = torch.tensor([t for t in range(64) if t not in favourites])
+    half = torch.arange(0, 64, 2)
+    results = train.evaluate_layers(model, windows, draft_vocabs={"all": torch.arange(64), "never": never, "half": half})
+    for layer, r in zip(argmax, results):
+        assert r["kept"]["all"] == 1.0 and r["kept"]["never"] == 0.0
+        assert r["kept"]["half"] == pytest.approx((layer % 2 == 0).double().mean().item())
