@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import generate
-from common import generate_batch, prefill
+from common import generate_batch, prefill, weight_bytes
 from conftest import N_LAYER
 from model import load_model
 from quantize import quantize_state
@@ -48,6 +48,8 @@ def test_the_draft_head_gives_the_full_heads_logits_of_the_kept_tokens(checkpoin
             kept, full = model.draft_head(h), model.head(h)
         assert kept.shape == (2, 3, 37) and torch.allclose(kept, full[..., ids], atol=1e-5), kind
         assert torch.equal(model.draft_ids, ids)
+        # the bandwidth report counts what a full forward reads: not the draft head's copy
+        assert weight_bytes(model) == weight_bytes(load_model(file, "cpu", torch.float32)), kind
     with pytest.raises(ValueError, match="packed already"):
         model.set_draft_vocab(ids)  # the int4 head is packed: its rows are no longer codes
     model = load_model(path)
