@@ -95,9 +95,9 @@ def parse_speculate_k(text: str) -> Union[int, str]:
 
 
 def add_draft_vocab_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--draft_vocab", type=int,
+    parser.add_argument("--draft_vocab", type=int, metavar="N",
                         help="self-speculation: draft over the N most frequent tokens only (a smaller head; exact output)")
-    parser.add_argument("--draft_vocab_from", type=Path,
+    parser.add_argument("--draft_vocab_from", type=Path, metavar="FILE",
                         help="with --draft_vocab: rank tokens by their count in this text or JSONL file "
                              '("prompt"/"text" fields) instead of the tokenizer\'s order; counted once, kept beside the checkpoint')
 
