@@ -75,8 +75,8 @@ from common import (DTYPES, atomic_write, cache_length, check_exit_layer, comple
 from model import ModelArgs, Transformer, load_model
 from peers import (LLAMA_CPP_SETUP, PEERS, LlamaCppWorker, Method, first_divergence, llama_cpp_environment, peer_weights,
                    write_hf_checkpoint)
-from self_spec import (AUTO_K, AdaptiveK, allow_graphs, decoding_functions, measure_step_seconds, parse_speculate_k,
-                       speculative_step)
+from self_spec import (AUTO_K, AdaptiveK, add_draft_vocab_flags, allow_graphs, decoding_functions, draft_vocab_checks,
+                       draft_vocab_for, measure_step_seconds, parse_speculate_k, speculative_step)
 
 ROOT = Path(__file__).resolve().parent
 SUMMARY_DATASETS = {  # name -> (hub repo, config, document field, summary field)
@@ -377,8 +377,8 @@ def best_ms(fn: Callable, reps: int, device: str) -> float:
 def piece_costs(model: Transformer, prompt: list[int], exit_layer: int, ks: list[int], device: str,
                 reps: int = 20) -> dict:
     """Milliseconds (eager, best of reps) of the pieces of a self-speculative step at this exit
-    layer, and of one full AR decode step, the unit of the cost model: the early pass and head on
-    one token, and for each k the late pass and head on k + 1 tokens and the whole step."""
+    layer, and of one full AR decode step, the unit of the cost model: the early pass and the draft
+    head on one token, and for each k the late pass and head on k + 1 tokens and the whole step."""
     p = len(prompt)
     model.setup_caches(1, p + max(ks) + 2, exit_layer)
     model(torch.tensor([prompt], device=device), torch.arange(p, device=device)[None])
@@ -386,7 +386,7 @@ def piece_costs(model: Transformer, prompt: list[int], exit_layer: int, ks: list
     h = model.early(x, pos[:, None])
     ms = {"full": best_ms(lambda: decode_one_token(model, x, pos, 0, None), reps, device),
           "early": best_ms(lambda: model.early(x, pos[:, None]), reps, device),
-          "head": best_ms(lambda: model.head(h), reps, device), "late_verify": {}, "head_verify": {}, "step": {}}
+          "head": best_ms(lambda: model.draft_head(h), reps, device), "late_verify": {}, "head_verify": {}, "step": {}}
     for k in ks:
         positions = pos[:, None] + torch.arange(k + 1, device=device)
         hk = model.exit_cache[:, positions[0]]
@@ -677,6 +677,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--draft_layers", type=int, help="E: draft with layers [0, E); default n_layer // 4")
     g.add_argument("--speculate_k", type=k_list, default=["auto"],
                    help="tokens drafted per step, or a comma list; auto: chosen before each step (as generate.py's default)")
+    add_draft_vocab_flags(g)
     t = p.add_argument_group("measurements")
     t.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and method (median)")
     t.add_argument("--batch_size", type=int_list, help="aggregate tokens/s with B rows at a time; a comma list")
@@ -727,6 +728,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         (args.device.startswith("cuda") and not torch.cuda.is_available(), "--device cuda asked for, but no CUDA device is available"),
         (args.output is not None and not args.output.parent.is_dir(), f"--output: no folder {(args.output or Path()).parent}"),
         (args.sweep is not None and not args.sweep_out.parent.is_dir(), f"--sweep_out: no folder {args.sweep_out.parent}"),
+        *draft_vocab_checks(args),
+        (args.synthetic and args.draft_vocab_from is not None, "--draft_vocab_from needs a tokenizer: not with --synthetic"),
+        (args.synthetic and (args.draft_vocab or 0) > args.vocab_size, f"--draft_vocab must be at most --vocab_size {args.vocab_size}"),
     ]
     for bad, message in checks:
         if bad:
@@ -742,23 +746,27 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def load(args: argparse.Namespace, tmp: Path) -> tuple[Transformer, object, Path, str]:
     """The model, its tokenizer (None for --synthetic), the tokenizer file, and a description."""
+    drafts = f"; drafts over {args.draft_vocab} tokens" if args.draft_vocab else ""
     if args.synthetic:
         model = synthetic_model(args)
+        if args.draft_vocab:  # random weights: no token is more frequent than another
+            model.set_draft_vocab(torch.arange(args.draft_vocab))
         write_byte_tokenizer(tmp / "tokenizer.model")
         params = sum(p.numel() for p in model.parameters())
         return model, None, tmp / "tokenizer.model", (
             f"synthetic random Llama, {params / 1e6:.1f}M parameters (dim {args.dim}, {args.n_layer} layers, "
             f"{args.n_head} heads, {args.n_kv_head} KV heads, intermediate {args.intermediate_size}, "
-            f"vocab {args.vocab_size})")
+            f"vocab {args.vocab_size}){drafts}")
     from tokenizer import load_tokenizer, tokenizer_file
     tokenizer_path = tokenizer_file(args.checkpoint_path.parent)
     try:
-        model = load_model(args.checkpoint_path, args.device, DTYPES[args.dtype] if args.dtype else None)
+        model = load_model(args.checkpoint_path, args.device, DTYPES[args.dtype] if args.dtype else None,
+                           draft_ids=draft_vocab_for(args, args.checkpoint_path))
         tokenizer = load_tokenizer(tokenizer_path)
     except (ValueError, OSError) as e:
         fail(str(e))
     args.dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")  # what load_model chose
-    return model, tokenizer, tokenizer_path, str(args.checkpoint_path)
+    return model, tokenizer, tokenizer_path, str(args.checkpoint_path) + drafts
 
 
 def make_prompts(args: argparse.Namespace, model: Transformer, tokenizer) -> tuple[list[dict], str, Optional[str]]:
@@ -1001,7 +1009,7 @@ def sweep_report(result: dict, grid_axes: list[list[int]]) -> list[str]:
 
 def profile_report(ms: dict, exit_layer: int, ks: list[int], bandwidth: float, ar_gbs: Optional[float]) -> list[str]:
     rows = [("full token (AR decode step)", ms["full"]), (f"early pass (layers [0, {exit_layer})), 1 token", ms["early"]),
-            ("head (norm + LM head), 1 token", ms["head"])]
+            ("draft head (norm + LM head, or its rows of the draft vocabulary), 1 token", ms["head"])]
     for k in ks:
         rows += [(f"late pass, {k + 1} tokens", ms["late_verify"][k]), (f"head, {k + 1} tokens", ms["head_verify"][k]),
                  (f"whole step k={k}", ms["step"][k]),

@@ -79,12 +79,13 @@ def check_exit_layer(flag: str, exit_layer: int, n_layer: int) -> None:
 
 def weight_bytes(model: Transformer) -> int:
     """Bytes of weights read per full forward: every parameter and quantized weight, but the
-    embedding table (a lookup reads one row) unless the head reads it too."""
+    embedding table (a lookup reads one row) unless the head reads it too, and the draft head
+    (its rows are a copy of the head's, read by drafts only)."""
     head_is_embedding = getattr(model.output, "weight", None) is model.tok_embeddings.weight
     parameters = sum(p.nbytes for name, p in model.named_parameters()
-                     if not name.startswith("tok_embeddings") or head_is_embedding)
-    quantized = sum(b.nbytes for name, b in model.named_buffers()
-                    if name.rpartition(".")[2] in ("codes", "scales", "packed", "scales_and_zeros"))
+                     if (not name.startswith("tok_embeddings") or head_is_embedding) and not name.startswith("draft_output."))
+    quantized = sum(b.nbytes for name, b in model.named_buffers() if not name.startswith("draft_output.")
+                    and name.rpartition(".")[2] in ("codes", "scales", "packed", "scales_and_zeros"))
     return parameters + quantized
 
 

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from common import DTYPES, atomic_write, check_device, check_exit_layer, fail, generate_batch
 from model import ModelArgs, Transformer, load_model
-from self_spec import AdaptiveK, decoding_functions, measure_step_seconds, parse_speculate_k, warm_up
+from self_spec import (AdaptiveK, add_draft_vocab_flags, decoding_functions, draft_vocab_checks, draft_vocab_for,
+                       measure_step_seconds, parse_speculate_k, warm_up)
 from tokenizer import load_tokenizer
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "demo" / "model.pth"
@@ -396,6 +397,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=1, help="rows scored or generated at once")
     p.add_argument("--draft_layers", type=int, help="generation: self-speculation drafting with layers [0, E)")
     p.add_argument("--speculate_k", type=parse_speculate_k, default="auto", help="tokens drafted per step, or auto (as generate.py)")
+    add_draft_vocab_flags(p)
     p.add_argument("--compare_ar", action="store_true",
                    help="with --draft_layers: rerun the generation requests autoregressively, report the speedup")
     p.add_argument("--compile", action="store_true", help="compile the generation step")
@@ -416,6 +418,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         (args.num_fewshot is not None and args.num_fewshot < 0, "--num_fewshot must be 0 or more"),
         (args.threads is not None and args.threads < 1, "--threads must be at least 1"),
         (args.compare_ar and args.draft_layers is None, "--compare_ar needs --draft_layers"),
+        (args.draft_vocab is not None and args.draft_layers is None, "--draft_vocab needs --draft_layers"),
+        *draft_vocab_checks(args),
         (args.log_samples and args.output is None, "--log_samples needs --output"),
         (args.include_path is not None and not args.include_path.is_dir(), f"--include_path is not a folder: {args.include_path}"),
     ]
@@ -448,7 +452,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
     task_manager, tasks = load_tasks(args.tasks, args.include_path)
     try:
-        model = load_model(args.checkpoint_path, args.device, args.dtype)
+        model = load_model(args.checkpoint_path, args.device, args.dtype, draft_ids=draft_vocab_for(args, args.checkpoint_path))
         tokenizer = load_tokenizer(args.checkpoint_path.parent)
     except (ValueError, OSError) as e:
         fail(str(e))
@@ -477,7 +481,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                          "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "batch_size": args.batch_size,
                          "draft_layers": args.draft_layers,
                          "speculate_k": args.speculate_k if args.draft_layers is not None else None,
-                         "compile": args.compile, "generation": stats}
+                         "draft_vocab": args.draft_vocab, "compile": args.compile, "generation": stats}
     if args.output is not None:
         text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n"
         atomic_write(args.output, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -31,7 +31,8 @@ import tp
 from common import (DTYPES, cache_length, check_device, check_exit_layer, completion_text, fail, generate_batch,
                     read_prompts_file, weight_bytes)
 from model import Transformer, load_model
-from self_spec import AUTO_K, AdaptiveK, decoding_functions, measure_step_seconds, parse_speculate_k, warm_up
+from self_spec import (AUTO_K, AdaptiveK, add_draft_vocab_flags, decoding_functions, draft_vocab_checks, draft_vocab_for,
+                       measure_step_seconds, parse_speculate_k, warm_up)
 from tokenizer import load_tokenizer, render_chat
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "demo" / "model.pth"
@@ -136,6 +137,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--speculate_k", type=parse_speculate_k, default="auto",
                    help="tokens drafted per step, or auto: chosen before each step from "
                         f"{', '.join(map(str, AUTO_K[1:]))} (or an autoregressive step) by measured cost and acceptance")
+    add_draft_vocab_flags(p)
     p.add_argument("--early_exit", type=int, help="generate with layers [0, E) alone (lossy)")
     p.add_argument("--show_drafts", action="store_true", help="colour accepted drafts in a terminal")
     p.add_argument("--json", action="store_true", help="last stdout line: JSON with every sample")
@@ -153,6 +155,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         ((args.output is not None or args.resume) and args.prompts_file is None, "--output and --resume need --prompts_file"),
         (args.resume and args.output is None, "--resume needs --output"),
         (args.system is not None and not args.chat, "--system needs --chat"),
+        (args.draft_vocab is not None and args.draft_layers is None, "--draft_vocab needs --draft_layers"),
+        *draft_vocab_checks(args),
     ]
     for bad, message in checks:
         if bad:
@@ -213,9 +217,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.stdout = sys.stderr = open(os.devnull, "w")
     if world > 1 and args.interactive:
         fail("--interactive reads stdin in one process: run it without torchrun")
+    if world > 1 and args.draft_vocab is not None:
+        fail("--draft_vocab runs in one process: run it without torchrun (each rank holds a share of the head)")
     args.device = device
     try:
-        model = load_model(args.checkpoint_path, device, args.dtype, shard=tp.shard(rank, world) if world > 1 else None)
+        draft_ids = draft_vocab_for(args, args.checkpoint_path)
+        model = load_model(args.checkpoint_path, device, args.dtype, shard=tp.shard(rank, world) if world > 1 else None,
+                           draft_ids=draft_ids)
         if world > 1:
             tp.add_collectives(model)
         tokenizer = load_tokenizer(args.checkpoint_path.parent)
@@ -241,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     info = {"checkpoint": str(args.checkpoint_path), "device": args.device,
             "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "compile": args.compile,
             "draft_layers": args.draft_layers, "speculate_k": args.speculate_k if args.draft_layers else None,
-            "early_exit": args.early_exit,
+            "draft_vocab": args.draft_vocab, "early_exit": args.early_exit,
             "batch_size": args.batch_size, "weight_bytes": weight_bytes(model)}
     if entries is not None:
         run_prompts_file(args, model, tokenizer, entries, generate_run, prefill_fn, steps, exit_layer, info)
@@ -326,7 +334,7 @@ def run_prompts_file(args: argparse.Namespace, model: Transformer, tokenizer, en
     (or printed as a JSON line) at once, so an interrupted run keeps what it finished."""
     from tqdm import tqdm
 
-    settings = {key: info[key] for key in ("checkpoint", "dtype", "draft_layers", "speculate_k", "early_exit")}
+    settings = {key: info[key] for key in ("checkpoint", "dtype", "draft_layers", "speculate_k", "draft_vocab", "early_exit")}
     settings.update(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                     chat=args.chat, system=args.system)
     rank_0 = not dist.is_initialized() or dist.get_rank() == 0  # under torchrun only rank 0 touches --output

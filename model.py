@@ -4,6 +4,8 @@ Besides the usual full forward, the model splits at an exit layer E into two par
 `early` (layers [0, E), which also records the hidden state at E in the exit cache) and `late`
 (layers [E, L)). Self-speculative decoding drafts with `head(early(...))` and verifies with
 `head(late(exit_cache[...]))`, so every KV entry and every early hidden state is computed once.
+Drafts may use a smaller head instead (`set_draft_vocab`): the LM head's rows of the tokens kept,
+made once, so that a draft reads a fraction of the head; verification keeps the full head.
 
 Linear layers can also be weight-only quantized (quantize.py writes such files): int8 with one
 scale per output channel, or int4 in groups of input columns. The file holds plain codes; they
@@ -12,6 +14,7 @@ are packed for this device's kernel when the model is loaded.
 import json
 import math
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -115,7 +118,25 @@ class Transformer(nn.Module):
         self.register_buffer("exit_cache", None, persistent=False)
         self.register_buffer("rope", None, persistent=False)
         self.register_buffer("every_row", None, persistent=False)  # (B, 1): each cache row, in order
+        self.register_buffer("draft_ids", None, persistent=False)  # the draft head's token ids, or None: all
+        self.draft_output: Optional[nn.Module] = None  # the LM head's rows of draft_ids
         self.cache_length = 0
+
+    def set_draft_vocab(self, ids: Optional[Tensor]) -> None:
+        """Drafts over these token ids only (None: the whole vocabulary), through a head made here
+        once of the LM head's rows for them - a copy, so that a draft reads N contiguous rows.
+        A quantized head gives its kept codes and scales; an int4 head must not be packed yet
+        (load_model's draft_ids)."""
+        if ids is None:
+            self.draft_ids, self.draft_output = None, None
+            return
+        ids = ids.to(torch.long)
+        if ids.dim() != 1 or not 1 <= len(ids) <= self.args.vocab_size or len(ids.unique()) != len(ids):
+            raise ValueError(f"draft vocabulary: between 1 and {self.args.vocab_size} distinct token ids needed")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.args.vocab_size:
+            raise ValueError(f"draft vocabulary: token ids must lie in [0, {self.args.vocab_size})")
+        self.draft_ids = ids.to(self.tok_embeddings.weight.device)
+        self.draft_output = kept_rows(self.output, self.draft_ids)
 
     def setup_rope(self, length: int) -> None:
         device = self.tok_embeddings.weight.device
@@ -165,6 +186,11 @@ class Transformer(nn.Module):
     def head(self, h: Tensor) -> Tensor:
         """The one shared final norm + LM head, used by every exit."""
         return self.output(self.norm(h))
+
+    def draft_head(self, h: Tensor) -> Tensor:
+        """The shared norm + the draft head: logits over draft_ids, in their order (the full head
+        without a draft vocabulary)."""
+        return (self.output if self.draft_output is None else self.draft_output)(self.norm(h))
 
     def forward(self, idx: Tensor, input_pos: Tensor, rows: Optional[Tensor] = None) -> Tensor:
         return self.head(self.late(self.early(idx, input_pos, rows), input_pos, rows))
@@ -308,6 +334,26 @@ class Int4Linear(nn.Module):
         return out[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
 
 
+def kept_rows(layer: nn.Module, ids: Tensor) -> nn.Module:
+    """A linear layer of the same kind holding copies of `layer`'s output rows `ids`."""
+    if isinstance(layer, Int4Linear) and not hasattr(layer, "codes"):
+        raise ValueError("the int4 head is packed already: give the draft vocabulary to load_model")
+    if isinstance(layer, Int8Linear):
+        rows = {"codes": layer.codes[ids], "scales": layer.scales[ids]}
+        make = partial(Int8Linear, layer.in_features, len(ids))
+    elif isinstance(layer, Int4Linear):
+        rows = {"codes": layer.codes[ids], "scales_and_zeros": layer.scales_and_zeros[:, ids].contiguous()}
+        make = partial(Int4Linear, layer.in_features, len(ids), layer.groupsize)
+    else:
+        rows = {"weight": nn.Parameter(layer.weight.detach()[ids], requires_grad=False)}
+        make = partial(Linear, layer.in_features, len(ids), bias=False)
+    with torch.device("meta"):  # no memory for the constructor's weights: they are replaced
+        kept = make()
+    for name, tensor in rows.items():
+        setattr(kept, name, tensor)
+    return kept
+
+
 def quantized_layers(model: nn.Module, state: dict, quantization: dict) -> None:
     """Replaces each linear layer whose weight `state` holds as codes by its quantized kind."""
     for name, module in list(model.named_modules()):
@@ -352,7 +398,8 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
 
 
 def load_model(checkpoint_path: Path, device: str = "cpu", dtype: Optional[torch.dtype] = torch.float32,
-               shard: Optional[Callable[[Transformer, dict, Optional[dict]], dict]] = None) -> Transformer:
+               shard: Optional[Callable[[Transformer, dict, Optional[dict]], dict]] = None,
+               draft_ids: Optional[Tensor] = None) -> Transformer:
     """Builds the model on the meta device and assigns the memory-mapped weights to it.
 
     `model_config.json` sits beside the checkpoint, which may be quantized (quantize.py): its
@@ -361,7 +408,8 @@ def load_model(checkpoint_path: Path, device: str = "cpu", dtype: Optional[torch
     several times slower with float32 activations. shard(model, state, quantization), given,
     returns the state of one tensor-parallel rank (tp.py) and fits the meta model's layers to it
     before anything is read. Raises ValueError / FileNotFoundError with a message fit for one
-    line on stderr.
+    line on stderr. draft_ids, given, are the draft head's tokens (Transformer.set_draft_vocab),
+    its rows taken before any packing.
     """
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
@@ -403,6 +451,7 @@ def load_model(checkpoint_path: Path, device: str = "cpu", dtype: Optional[torch
     if tied:
         model.output.weight = model.tok_embeddings.weight
     model = model.to(device=device, dtype=dtype).eval()
+    model.set_draft_vocab(draft_ids)
     for module in model.modules():
         if isinstance(module, Int4Linear):
             module.pack()

@@ -12,17 +12,27 @@ graph compiled once: the k with the most expected tokens per second under the ac
 seen lately and what a step at each k has been measured to cost on this device - or a plain
 autoregressive step when no k is expected to beat it, with a drafting step now and then to see
 whether the text has become easier. Each step is exact whatever its k, so the output is too.
+
+With a draft vocabulary (`--draft_vocab N`) drafts come from a head of only the N most frequent
+tokens' rows (by the tokenizer's own order, or counted on a corpus with `--draft_vocab_from`):
+a draft reads a fraction of the head, and verification, with the full head, keeps the output exact.
 """
 import argparse
+import hashlib
+import json
+import sys
 import time
+from collections import Counter
 from functools import partial
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
-from common import decode_one_token, generate_batch, logits_to_probs, prefill, sample_from_probs
-from model import Transformer
+from common import atomic_write, decode_one_token, generate_batch, logits_to_probs, prefill, sample_from_probs
+from model import ModelArgs, Transformer
+from tokenizer import load_tokenizer
 
 AUTO_K = (0, 1, 2, 4, 6, 8)  # what "auto" chooses from; 0 is an autoregressive step
 
@@ -34,12 +44,15 @@ def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, tem
     token from the full model; next_token[b] = out[b, n[b]]."""
     batch = token.shape[0]
     rows = torch.arange(batch, device=pos.device)
-    drafts, draft_probs = [], []
+    kept = model.draft_ids  # drafts over these tokens only (Transformer.set_draft_vocab), or None: all
+    drafts, choices, draft_probs = [], [], []
     x = token
     for i in range(k):  # unrolled when compiled: k is a constant
-        probs = logits_to_probs(model.head(model.early(x, (pos + i)[:, None]))[:, -1], temperature, top_k)
-        x = sample_from_probs(probs)[:, None]
+        probs = logits_to_probs(model.draft_head(model.early(x, (pos + i)[:, None]))[:, -1], temperature, top_k)
+        choice = sample_from_probs(probs)  # an index into the draft head's tokens
+        x = (choice if kept is None else kept[choice])[:, None]
         drafts.append(x)
+        choices.append(choice[:, None])
         draft_probs.append(probs)
     model.early(x, (pos + k)[:, None])  # the last draft's early pass: its KV and exit-layer state, no head
 
@@ -48,19 +61,25 @@ def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, tem
     target_probs = logits_to_probs(model.head(model.late(exit_states, positions)), temperature, top_k)
 
     # Accept draft i with probability min(1, p_i(d_i) / q_i(d_i)); n = accepted before the first miss.
+    # q is the draft distribution: over the draft head's tokens, zero outside them.
     draft = torch.cat(drafts, 1)  # (B, k)
-    q = torch.stack(draft_probs, 1)  # (B, k, V)
+    q = torch.stack(draft_probs, 1)  # (B, k, N): N the draft head's tokens
     p_draft = target_probs[:, :k].gather(2, draft[..., None])[..., 0]
-    q_draft = q.gather(2, draft[..., None])[..., 0]
+    q_draft = q.gather(2, torch.cat(choices, 1)[..., None])[..., 0]
     accept = torch.rand(batch, k, device=pos.device) * q_draft < p_draft
     n = torch.cumprod(accept.int(), 1).sum(1)
 
     # The token after the accepted drafts: from max(p - q, 0) after a rejection, from p after k
-    # acceptances (q padded with zeros); falls back to p if rounding left no residual mass.
-    q = torch.cat([q, torch.zeros_like(q[:, :1])], 1)
-    residual = (target_probs - q).clamp_min(0)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, target_probs)
-    next_token = sample_from_probs(residual[rows, n])[:, None]  # (B, 1)
+    # acceptances (q padded with zeros); falls back to p if rounding left no residual mass. Only
+    # position n of each row is needed: q of the kept tokens is subtracted there.
+    p_next = target_probs[rows, n]  # (B, V)
+    q_next = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, n]  # (B, N)
+    if kept is None:
+        residual = (p_next - q_next).clamp_min(0)
+    else:
+        residual = p_next.scatter_add(1, kept.expand(batch, -1), -q_next).clamp_min(0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+    next_token = sample_from_probs(residual)[:, None]  # (B, 1)
     out = torch.cat([draft, next_token], 1)
     out = torch.where(torch.arange(k + 1, device=pos.device) == n[:, None], next_token, out)
     return out, n, next_token, pos + n + 1
@@ -73,6 +92,98 @@ def parse_speculate_k(text: str) -> Union[int, str]:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text!r}")
     return int(text)
+
+
+def add_draft_vocab_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--draft_vocab", type=int, metavar="N",
+                        help="self-speculation: draft over the N most frequent tokens only (a smaller head; exact output)")
+    parser.add_argument("--draft_vocab_from", type=Path, metavar="FILE",
+                        help="with --draft_vocab: rank tokens by their count in this text or JSONL file "
+                             '("prompt"/"text" fields) instead of the tokenizer\'s order; counted once, kept beside the checkpoint')
+
+
+def draft_vocab_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
+    """(wrong, message) for --draft_vocab / --draft_vocab_from on their own."""
+    return [
+        (args.draft_vocab_from is not None and args.draft_vocab is None, "--draft_vocab_from needs --draft_vocab"),
+        (args.draft_vocab is not None and args.draft_vocab < 1, f"--draft_vocab must be at least 1, got {args.draft_vocab}"),
+        (args.draft_vocab_from is not None and not args.draft_vocab_from.is_file(),
+         f"--draft_vocab_from: file not found: {args.draft_vocab_from}"),
+    ]
+
+
+def corpus_texts(path: Path) -> list[str]:
+    """A text file whole, or JSONL's "prompt" and "text" fields."""
+    text = path.read_text(encoding="utf-8")
+    if not text.lstrip().startswith("{"):
+        return [text]
+    texts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not JSON ({e.msg})") from None
+            texts += [entry[key] for key in ("prompt", "text") if isinstance(entry, dict) and isinstance(entry.get(key), str)]
+    if not texts:
+        raise ValueError(f'{path}: no "prompt" or "text" strings')
+    return texts
+
+
+def corpus_token_counts(tokenizer, corpus: Path, save_dir: Path) -> Counter:
+    """How often each token occurs in the corpus. Counted once per corpus content: the counts are
+    saved in save_dir (beside the checkpoint) as draft_vocab_counts.<hash>.json and read from there."""
+    try:
+        data = corpus.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read {corpus}: {e}") from None
+    saved = save_dir / f"draft_vocab_counts.{hashlib.sha256(data).hexdigest()[:16]}.json"
+    if saved.is_file():
+        return Counter({int(i): n for i, n in json.loads(saved.read_text())["counts"].items()})
+    try:
+        texts = corpus_texts(corpus)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{corpus} is not UTF-8 text: {e}") from None
+    counts = Counter()
+    for text in texts:
+        counts.update(tokenizer.encode(text, bos=False))
+    record = {"corpus": str(corpus), "tokens": sum(counts.values()), "counts": {str(i): n for i, n in counts.most_common()}}
+    try:
+        atomic_write(saved, lambda tmp: tmp.write_text(json.dumps(record) + "\n"))
+    except OSError as e:  # a read-only checkpoint folder: counted again next time
+        print(f"warning: cannot save the token counts beside the checkpoint: {e}", file=sys.stderr)
+    return counts
+
+
+def draft_vocab_ids(tokenizer, n: int, vocab_size: int, counts: Optional[Counter] = None) -> Tensor:
+    """The n token ids a draft head keeps, sorted: the tokenizer's frequency order (special tokens
+    the model emits, such as EOS, first, so always kept), or the most counted tokens after those
+    (ties, and tokens never counted, in the tokenizer's order). Ids the model has past the
+    tokenizer's come last."""
+    if not 1 <= n <= vocab_size:
+        raise ValueError(f"--draft_vocab must be between 1 and the vocabulary's {vocab_size} tokens, got {n}")
+    order = tokenizer.frequency_order()
+    if counts is not None:
+        rank = {token: i for i, token in enumerate(order)}
+        order = sorted(order, key=lambda t: (t not in tokenizer.emitted_ids, -counts.get(t, 0), rank[t]))
+    order = [t for t in order if t < vocab_size] + list(range(tokenizer.vocab_size, vocab_size))
+    return torch.tensor(sorted(order[:n]))
+
+
+def draft_vocab_for(args: argparse.Namespace, checkpoint_path: Path) -> Optional[Tensor]:
+    """The draft head's token ids that --draft_vocab / --draft_vocab_from ask for, for the checkpoint
+    (None: no flag, the full head). Before the model is loaded: an int4 head's rows are taken before
+    it is packed. Raises ValueError / FileNotFoundError with a one-line message."""
+    if args.draft_vocab is None:
+        return None
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
+    tokenizer = load_tokenizer(checkpoint_path.parent)
+    vocab_size = ModelArgs.load(checkpoint_path.parent / "model_config.json").vocab_size
+    counts = None
+    if args.draft_vocab_from is not None:
+        counts = corpus_token_counts(tokenizer, args.draft_vocab_from, checkpoint_path.parent)
+    return draft_vocab_ids(tokenizer, args.draft_vocab, vocab_size, counts)
 
 
 def speculative_steps(ks: tuple[int, ...], temperature: float, top_k: Optional[int],

@@ -11,7 +11,9 @@ A `tokenizer.model`'s kind is chosen from its content, never from its name or fo
 `load_tokenizer(path)` takes a checkpoint folder or a tokenizer file and returns an object with
 `encode(text, bos=True, special=False)`, `decode(ids)`, `bos_id`, `eos_id`, `stop_ids` (every id
 generation stops at: the checkpoint's stop_ids.json, else EOS), `chat_template` (None where the
-checkpoint has none) and `vocab_size`.
+checkpoint has none), `vocab_size`, `emitted_ids` (the special tokens a model emits) and
+`frequency_order()` (every id, the emitted ones and then the likely frequent first: what a draft
+head over the frequent part of the vocabulary keeps by default).
 """
 import base64
 import json
@@ -59,6 +61,7 @@ class SentencePieceTokenizer:
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
         self.vocab_size: int = self.sp.vocab_size()
+        self.emitted_ids: list[int] = [self.eos_id]
 
         self.bos_token, self.eos_token = self.sp.id_to_piece(self.bos_id), self.sp.id_to_piece(self.eos_id)
 
@@ -76,6 +79,13 @@ class SentencePieceTokenizer:
         # ids past the tokenizer's own (a model's vocabulary padded beyond it) stand for no text
         return self.sp.decode([i for i in ids if i < self.vocab_size])
 
+    def frequency_order(self) -> list[int]:
+        """EOS, then by score: a BPE piece's score is minus its merge rank (earlier merges join more
+        frequent pairs), a unigram piece's its log probability."""
+        scores = [self.sp.get_score(i) for i in range(self.vocab_size)]
+        order = sorted(range(self.vocab_size), key=lambda i: -scores[i])
+        return self.emitted_ids + [i for i in order if i not in self.emitted_ids]
+
 
 class TiktokenTokenizer:
     def __init__(self, path: Path, ranks: dict[bytes, int]):
@@ -89,6 +99,9 @@ class TiktokenTokenizer:
         self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
         self.eos_id: int = self.special_tokens["<|end_of_text|>"]  # HF's EOS for the base (not instruct) models
         self.vocab_size: int = n + LLAMA3_NUM_SPECIAL
+        # end of text, of turn, of message, a tool call
+        emitted = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>")
+        self.emitted_ids: list[int] = [self.special_tokens[t] for t in emitted]
 
         self.bos_token, self.eos_token = "<|begin_of_text|>", "<|end_of_text|>"
 
@@ -106,6 +119,12 @@ class TiktokenTokenizer:
         # a prefix of the generated ids may end inside a multi-byte character: replace, don't raise;
         # ids past the tokenizer's own (a model's vocabulary padded beyond it) stand for no text
         return self.model.decode([i for i in ids if i < self.vocab_size], errors="replace")
+
+    def frequency_order(self) -> list[int]:
+        """The special tokens a model emits, then the base tokens by rank (a BPE's rank is its merge
+        order: the frequent pairs first), then the other special tokens (headers, reserved)."""
+        return self.emitted_ids + list(range(self.vocab_size - LLAMA3_NUM_SPECIAL)) + [
+            i for i in self.special_tokens.values() if i not in self.emitted_ids]
 
 
 def _llama3_chunks(text: str, max_chars: int = 400_000, max_run: int = 25_000):
@@ -161,6 +180,7 @@ class HFTokenizer:
         # bos_id is the document boundary (eval.py's prefix), not necessarily what encode adds (SmolLM2
         # names <|im_start|> but its post-processor adds nothing); a config naming none: the EOS, as lm-eval does
         self.bos_id: int = self._token_id(self.bos_token, "bos_token", path) if self.bos_token else self.eos_id
+        self.emitted_ids: list[int] = [self.eos_id]
 
     def _token_id(self, token: Optional[str], key: str, path: Path) -> int:
         token_id = self.model.token_to_id(token) if token else None
@@ -176,6 +196,11 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         # byte-level BPE: a prefix ending inside a multi-byte character decodes with U+FFFD, never raises
         return self.model.decode([i for i in ids if i < self.vocab_size], skip_special_tokens=False)
+
+    def frequency_order(self) -> list[int]:
+        """The emitted ids, then by id: a BPE numbers its tokens in merge order (the alphabet, then
+        each merge as it was learned, earlier merges joining more frequent pairs)."""
+        return self.emitted_ids + [i for i in range(self.vocab_size) if i not in self.emitted_ids]
 
 
 def _token_text(token: Union[str, dict, None]) -> Optional[str]:
@@ -284,5 +309,6 @@ def load_tokenizer(path: Union[str, Path]) -> Union[SentencePieceTokenizer, Tikt
         tokenizer = TiktokenTokenizer(path, ranks) if ranks is not None else SentencePieceTokenizer(path)
     stop_ids = _read_json(folder / STOP_IDS_FILE).get("stop_ids")
     tokenizer.stop_ids = set(stop_ids) if stop_ids else {tokenizer.eos_id}
+    tokenizer.emitted_ids += sorted(tokenizer.stop_ids - set(tokenizer.emitted_ids))  # a draft head keeps every stop id
     tokenizer.chat_template = chat_template(folder)
     return tokenizer

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from common import DTYPES, atomic_write, fail, save_checkpoint
 from model import ModelArgs, Transformer, load_model
+from self_spec import draft_vocab_ids
 from tokenizer import load_tokenizer, tokenizer_file
 
 STATE_FILE = "train_state.pt"  # weights in float32 + optimizer state + step, for --resume
@@ -250,16 +251,21 @@ def eval_windows(tokens: Tensor, seq_len: int, max_tokens: int) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_layers(model: Transformer, windows: Tensor, batch: int = 8, device: str = "cpu") -> list[dict]:
+def evaluate_layers(model: Transformer, windows: Tensor, batch: int = 8, device: str = "cpu",
+                    draft_vocabs: Optional[dict[int, Tensor]] = None) -> list[dict]:
     """Loss and next-token accuracy when exiting after each layer (through the shared norm + head).
 
     Also the agreement: how often the exit's greedy token equals the full model's, which is the
-    chance that a greedy self-speculative draft from that layer is accepted.
+    chance that a greedy self-speculative draft from that layer is accepted. With draft_vocabs
+    ({name: kept token ids}), "kept": {name: how often the argmax over the kept tokens equals the exit's
+    argmax over all}, the share of that exit's drafts a draft head over them leaves unchanged.
     """
     was_training = model.training
     model.eval()
     n_layer = model.args.n_layer
     loss_sum, correct, agree = (torch.zeros(n_layer, dtype=torch.float64) for _ in range(3))
+    draft_vocabs = {n: ids.to(device) for n, ids in (draft_vocabs or {}).items()}
+    kept = {n: torch.zeros(n_layer, dtype=torch.float64) for n in draft_vocabs}
     count = 0
     for i in range(0, len(windows), batch):
         rows = windows[i : i + batch].to(device)
@@ -273,10 +279,13 @@ def evaluate_layers(model: Transformer, windows: Tensor, batch: int = 8, device:
                 loss_sum[l] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
                 correct[l] += (logits.argmax(-1) == y).sum().item()
                 agree[l] += (logits.argmax(-1) == final).sum().item()
+                for n, ids in draft_vocabs.items():
+                    kept[n][l] += (ids[logits[..., ids].argmax(-1)] == logits.argmax(-1)).sum().item()
         count += y.numel()
     model.train(was_training)
     return [{"layer": l + 1, "loss": loss_sum[l].item() / count, "accuracy": correct[l].item() / count,
-             "agreement": agree[l].item() / count} for l in range(n_layer)]
+             "agreement": agree[l].item() / count, "kept": {n: kept[n][l].item() / count for n in kept}}
+            for l in range(n_layer)]
 
 
 def format_table(results: dict[str, list[dict]]) -> str:
@@ -289,6 +298,16 @@ def format_table(results: dict[str, list[dict]]) -> str:
         for n in names:
             r = results[n]
             cells += [f"{r[i]['loss']:.3f}", f"{100 * r[i]['accuracy']:.1f}%", f"{100 * r[i]['agreement']:.1f}%"] if i < len(r) else [""] * 3
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_kept_table(results: dict[str, list[dict]]) -> str:
+    """A markdown table: per exit layer, the share of drafts each draft vocabulary keeps, per model."""
+    columns = [(name, n) for name, r in results.items() for n in r[0]["kept"]]
+    lines = ["| exit layer | " + " | ".join(f"{name} N = {n}" for name, n in columns) + " |", "|" + "---|" * (1 + len(columns))]
+    for i in range(max(len(r) for r in results.values())):
+        cells = [f"{100 * results[name][i]['kept'][n]:.1f}%" if i < len(results[name]) else "" for name, n in columns]
         lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -502,6 +521,10 @@ def train(args) -> None:
 
 def report(results: dict[str, list[dict]], plot_path: Path) -> None:
     print(format_table(results))
+    if any(r[0]["kept"] for r in results.values()):
+        print("\nDrafts a draft head over the N most frequent tokens (generate.py --draft_vocab N) leaves unchanged: "
+              "how often its argmax is the exit's argmax over the whole vocabulary\n")
+        print(format_kept_table(results))
     for name, r in results.items():
         print(f"{name}: held-out loss {r[-1]['loss']:.4f}, accuracy {100 * r[-1]['accuracy']:.1f}% at the last layer")
     plot_layers(results, plot_path)
@@ -519,8 +542,11 @@ def eval_only(args) -> None:
         tokenizer = load_tokenizer(path.parent)  # each model with its own tokenizer
         model.setup_rope(min(args.seq_len, model.args.max_seq_length))
         windows = eval_windows(encode(tokenizer, val_texts), min(args.seq_len, model.args.max_seq_length), args.eval_tokens)
+        vocab = model.args.vocab_size
+        draft_vocabs = {n: draft_vocab_ids(tokenizer, n, vocab) for n in (vocab // 8, vocab // 4, vocab // 2) if n}
         name = path.parent.name if path.name == "model.pth" else f"{path.parent.name}/{path.stem}"  # DIR/model_int8
-        results[name if name not in results else str(path)] = evaluate_layers(model, windows, device=args.device)
+        results[name if name not in results else str(path)] = evaluate_layers(model, windows, device=args.device,
+                                                                              draft_vocabs=draft_vocabs)
     first = Path(args.checkpoint_path[0])
     report(results, Path(args.plot) if args.plot else first.parent / "layer_eval.png")
 

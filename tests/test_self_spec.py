@@ -74,8 +74,8 @@ def test_documented_combinations_compile_on_two_threads_one_graph_each_and_exact
     """The command lines as a user runs them, compiled, with two threads available and (but for one
     run) no --threads, so that generate.py chooses the thread count itself: auto's five drafting k
     and an autoregressive step, a fixed k, --num_samples, --interactive with a prompt that makes the
-    caches grow, --prompts_file with --batch_size, --early_exit, a quantized file, benchmark.py and
-    eval.py. None may end with a traceback or a non-zero exit. --compile compiles each step with
+    caches grow, --prompts_file with --batch_size (drafting over 200 of the 320 tokens: --draft_vocab),
+    --early_exit, a quantized file, benchmark.py and eval.py. None may end with a traceback or a non-zero exit. --compile compiles each step with
     fullgraph=True, so any .item(), .tolist() or branch on a tensor value inside it fails; and a
     step must replay without recompiling: across steps, rows at different positions, refills and
     samples. Greedy outputs equal eager decoding's.
@@ -106,7 +106,7 @@ def test_documented_combinations_compile_on_two_threads_one_graph_each_and_exact
         "auto": ("generate.py", *common, "--prompt", texts[0], "--draft_layers", "1", "--num_samples", "2", "--json"),
         "interactive": ("generate.py", *common, "--interactive", "--draft_layers", "1", "--speculate_k", "3", "--json"),
         "batch": ("generate.py", *common, "--draft_layers", "1", "--speculate_k", "3", "--prompts_file", str(prompts),
-                  "--batch_size", "2", "--output", str(tmp_path / "out.jsonl")),
+                  "--batch_size", "2", "--output", str(tmp_path / "out.jsonl"), "--draft_vocab", "200"),
         "early_exit": ("generate.py", *common, "--prompt", texts[0], "--early_exit", "2", "--json"),
         "quantized": ("generate.py", "--checkpoint_path", str(tmp_path / "model_int8.pth"), "--max_new_tokens", "8",
                       "--temperature", "0", "--compile", "--prompt", texts[1], "--draft_layers", "1", "--speculate_k", "3",

@@ -352,10 +352,12 @@ def test_short_run_lowers_held_out_loss_and_checkpoint_loads(tmp_path, data_dir,
     plot = tmp_path / "eval.png"
     run_train(["--eval_only", "--checkpoint_path", out / "model.pth", "--data", data_dir, "--val_fraction", "0.2",
                "--seq_len", 32, "--eval_tokens", 2048, "--plot", plot])
-    printed = capsys.readouterr().out
+    printed, kept_table = capsys.readouterr().out.split("Drafts a draft head")
     rows = [line for line in printed.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
     assert len(rows) == 4
     assert f"{after:.3f}" in rows[-1]  # the loaded model gives the in-memory model's held-out loss
+    kept_rows = [line for line in kept_table.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert len(kept_rows) == 4 and all(len(line.split("|")) == 6 for line in kept_rows)  # 3 sizes of draft vocabulary
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
