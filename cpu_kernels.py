@@ -10,7 +10,9 @@ for AVX2 and chosen at run time; where it cannot be built (no compiler, no ninja
 PyTorch's kernels and one line on stderr says so. It is an op of its own, so a compiled step stays
 one graph and reads the one copy of the weights the model holds.
 """
+import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -31,16 +33,24 @@ def enable(force: Optional[str] = None) -> str:
         isa = ""
         return isa
     if not hasattr(torch.ops.layerskip, "linear"):
+        from torch.utils.cpp_extension import load
+        here = Path(__file__).resolve().parent
+        quiet = logging.getLogger("torch.utils.cpp_extension")  # its compiler warnings: one line says enough
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
         try:
-            from torch.utils.cpp_extension import load
-            here = Path(__file__).resolve().parent
-            module = load("layerskip_cpu_kernels", [str(here / "cpu_kernels.cpp")],
-                          extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = load("layerskip_cpu_kernels", [str(here / "cpu_kernels.cpp")],
+                              extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, no ninja, a failed build: all of them leave PyTorch's kernels
-            print(f"cpu kernels not built ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}): "
-                  "using PyTorch's", file=sys.stderr)
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            detail = next((line for line in lines[1:] if "error" in line.lower() or "not found" in line), lines[-1])
+            print(f"cpu kernels not built ({detail}): using PyTorch's", file=sys.stderr)
             isa = ""
             return isa
+        finally:
+            quiet.setLevel(level)
         torch.library.register_fake("layerskip::linear")(output_shape)
         enable.supported = {2: "avx512", 1: "avx2", 0: ""}[module.supported_isa()]
     supported = getattr(enable, "supported", "")

@@ -425,6 +425,8 @@ def load_model(checkpoint_path: Path, device: str = "cpu", dtype: Optional[torch
     if tied:
         model.output.weight = model.tok_embeddings.weight
     model = model.to(device=device, dtype=dtype).eval()
+    if device == "cpu":
+        cpu_kernels.ready()  # built now, not first met inside a compiled step
     for module in model.modules():
         if isinstance(module, Int4Linear):
             module.pack()
