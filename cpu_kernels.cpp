@@ -55,7 +55,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     const int64_t K = x.size(1), N = weight.size(0);
     const auto kind = weight.scalar_type();
     if (kind == at::kByte) {
-        TORCH_CHECK(group >= 32 && group % 32 == 0 && K % group == 0 && weight.size(1) * 2 == K, "int4: bad group or shape");
+        TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0 && K % group == 0 && weight.size(1) * 2 == K, "int4: bad group or shape");
         TORCH_CHECK(scales && scales->scalar_type() == at::kFloat && scales->is_contiguous() &&
                     scales->numel() == N * (K / group) * 2, "int4: scales (N, K / group, 2) float32");
     } else {
@@ -94,8 +94,6 @@ static inline vec vload_bf16(const uint16_t* p) {
 static inline vec vload_i8(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
-static inline __m128i load_half(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
-static inline vec nibbles_to_float(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)); }
 static inline float vsum(vec a) {
     __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
@@ -117,8 +115,6 @@ static inline vec vload_bf16(const uint16_t* p) {
 static inline vec vload_i8(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-static inline __m128i load_half(const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm_cvtsi32_si128(v); }
-static inline vec nibbles_to_float(__m128i q) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)); }
 static inline float vsum(vec a) {
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     q = _mm_add_ps(q, _mm_movehl_ps(q, q));
@@ -129,24 +125,18 @@ constexpr int ROWS = 2;  // 8 accumulators + 4 weight vectors + 1 input vector o
 #endif
 constexpr int CHANNELS = 4;
 
-// LANES columns of int4 codes, two a byte with the even column in the high nibble, as float q.
-static inline vec vload_u4(const uint8_t* p) {
-    __m128i b = load_half(p), low4 = _mm_set1_epi8(15);
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4), lo = _mm_and_si128(b, low4);
-    return nibbles_to_float(_mm_unpacklo_epi8(hi, lo));
-}
-
-// Each kind of weight: load(n, k, scale) gives LANES weights of channel n from column k as floats,
-// with scale = group_scale(n, k) for the group of columns that holds k (int4's groups; the other
-// kinds have one group, the whole row), at(n, k) one weight (the columns past the last full vector)
-// and finish(n, sum) the channel's result.
+// Each kind of weight: load(n, k, scale, out) gives `vectors` x LANES weights of channel n from
+// column k as floats, with scale = group_scale(n, k) for the group of columns that holds k (int4's
+// groups; the other kinds have one group, the whole row), at(n, k) one weight (the columns past the
+// last full vector) and finish(n, sum) the channel's result.
 struct NoScale {};
 
 struct Float32Weight {
     const float* w; int64_t K;
     int64_t group_size() const { return K; }
     NoScale group_scale(int64_t, int64_t) const { return {}; }
-    vec load(int64_t n, int64_t k, NoScale) const { return vload(w + n * K + k); }
+    static constexpr int vectors = 1;
+    void load(int64_t n, int64_t k, NoScale, vec* out) const { out[0] = vload(w + n * K + k); }
     float at(int64_t n, int64_t k) const { return w[n * K + k]; }
     float finish(int64_t, float s) const { return s; }
 };
@@ -155,7 +145,8 @@ struct BFloat16Weight {
     const uint16_t* w; int64_t K;
     int64_t group_size() const { return K; }
     NoScale group_scale(int64_t, int64_t) const { return {}; }
-    vec load(int64_t n, int64_t k, NoScale) const { return vload_bf16(w + n * K + k); }
+    static constexpr int vectors = 1;
+    void load(int64_t n, int64_t k, NoScale, vec* out) const { out[0] = vload_bf16(w + n * K + k); }
     float at(int64_t n, int64_t k) const { uint32_t b = uint32_t(w[n * K + k]) << 16; float f; std::memcpy(&f, &b, 4); return f; }
     float finish(int64_t, float s) const { return s; }
 };
@@ -164,24 +155,67 @@ struct Int8Weight {  // W = codes * scales[n]: the scale is applied once, to the
     const int8_t* w; const float* scales; int64_t K;
     int64_t group_size() const { return K; }
     NoScale group_scale(int64_t, int64_t) const { return {}; }
-    vec load(int64_t n, int64_t k, NoScale) const { return vload_i8(w + n * K + k); }
+    static constexpr int vectors = 1;
+    void load(int64_t n, int64_t k, NoScale, vec* out) const { out[0] = vload_i8(w + n * K + k); }
     float at(int64_t n, int64_t k) const { return w[n * K + k]; }
     float finish(int64_t n, float s) const { return s * scales[n]; }
 };
 
+#if LANES == 16
+// int4 on AVX-512: the 16 values a group's codes stand for, q * scale + shifted zero, sit in one
+// register and a permute looks each code up (no conversion, no arithmetic per weight). Unpacked as
+// they come, a block of 32 columns gives its even columns (the high nibbles) and then its odd ones:
+// x is put in that order first (int4_order).
+struct Int4Scale { vec table; };
+
+struct Int4Weight {  // scales (N, K / group, 2): scale, shifted zero
+    const uint8_t* w; const float* scales; int64_t K, group, groups, group_shift;
+    int64_t group_size() const { return group; }
+    Int4Scale group_scale(int64_t n, int64_t k) const {
+        const float* s = scales + (n * groups + (k >> group_shift)) * 2;  // no division: it would cost more than the group
+        const vec codes = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        return {vfma(codes, vset1(s[0]), vset1(s[1]))};
+    }
+    static constexpr int vectors = 2;  // 32 columns: 16 bytes
+    void load(int64_t n, int64_t k, Int4Scale s, vec* out) const {
+        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n * K + k) / 2)));
+        out[0] = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), s.table);  // the low 4 bits index
+        out[1] = _mm512_permutexvar_ps(bytes, s.table);
+    }
+    float at(int64_t, int64_t) const { return 0.f; }  // K is a multiple of the group, itself of 32
+    float finish(int64_t, float s) const { return s; }
+};
+
+static at::Tensor int4_order(const at::Tensor& x) {
+    return x.view({x.size(0), -1, 16, 2}).transpose(2, 3).contiguous().view({x.size(0), -1});
+}
+#else
+// 8 columns of int4 codes, two a byte with the even column in the high nibble, as float q.
+static inline vec vload_u4(const uint8_t* p) {
+    int32_t four_bytes;
+    std::memcpy(&four_bytes, p, 4);
+    __m128i b = _mm_cvtsi32_si128(four_bytes), low4 = _mm_set1_epi8(15);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4), lo = _mm_and_si128(b, low4);
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)));
+}
+
 struct Int4Scale { vec scale, zero; };
 
 struct Int4Weight {  // W = q * scale + shifted_zero, both per (channel, group): (N, K / group, 2)
-    const uint8_t* w; const float* scales; int64_t K, group;
+    const uint8_t* w; const float* scales; int64_t K, group, groups, group_shift;
     int64_t group_size() const { return group; }
     Int4Scale group_scale(int64_t n, int64_t k) const {
-        const float* s = scales + (n * (K / group) + k / group) * 2;
+        const float* s = scales + (n * groups + (k >> group_shift)) * 2;  // no division: it would cost more than the group
         return {vset1(s[0]), vset1(s[1])};
     }
-    vec load(int64_t n, int64_t k, Int4Scale s) const { return vfma(vload_u4(w + (n * K + k) / 2), s.scale, s.zero); }
+    static constexpr int vectors = 1;
+    void load(int64_t n, int64_t k, Int4Scale s, vec* out) const { out[0] = vfma(vload_u4(w + (n * K + k) / 2), s.scale, s.zero); }
     float at(int64_t, int64_t) const { return 0.f; }  // K is a multiple of the group, itself of LANES
     float finish(int64_t, float s) const { return s; }
 };
+
+static const at::Tensor& int4_order(const at::Tensor& x) { return x; }  // vload_u4 keeps the columns' order
+#endif
 
 // Columns [k0, k1) of R rows x C channels, added to the vector sums acc[r][c] (kept in memory between
 // blocks of columns: the order of the additions is the same as in one sweep).
@@ -197,16 +231,19 @@ static inline void tile(const Weight& wt, const float* x, int64_t K, int64_t k0,
 #pragma GCC unroll 4
         for (int c = 0; c < C; c++) scale[c] = wt.group_scale(n0 + c, g);
         const int64_t end = std::min(k1, g + span);
-        for (int64_t k = g; k < end; k += LANES) {
-            vec w[C];
+        constexpr int V = Weight::vectors;
+        for (int64_t k = g; k < end; k += V * LANES) {
+            vec w[C][V];
 #pragma GCC unroll 4
-            for (int c = 0; c < C; c++) w[c] = wt.load(n0 + c, k, scale[c]);
+            for (int c = 0; c < C; c++) wt.load(n0 + c, k, scale[c], w[c]);
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                vec xv = vload(x + r * K + k);
+            for (int r = 0; r < R; r++)
+#pragma GCC unroll 2
+                for (int v = 0; v < V; v++) {
+                    vec xv = vload(x + r * K + k + v * LANES);
 #pragma GCC unroll 4
-                for (int c = 0; c < C; c++) acc[r][c] = vfma(xv, w[c], acc[r][c]);
-            }
+                    for (int c = 0; c < C; c++) acc[r][c] = vfma(xv, w[c][v], acc[r][c]);
+                }
         }
     }
     for (int r = 0; r < R; r++)
@@ -273,7 +310,11 @@ static void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
         case at::kFloat: linear(Float32Weight{weight.data_ptr<float>(), K}, xp, M, K, N, yp); break;
         case at::kBFloat16: linear(BFloat16Weight{reinterpret_cast<const uint16_t*>(weight.data_ptr()), K}, xp, M, K, N, yp); break;
         case at::kChar: linear(Int8Weight{weight.data_ptr<int8_t>(), scales.data_ptr<float>(), K}, xp, M, K, N, yp); break;
-        default: linear(Int4Weight{weight.data_ptr<uint8_t>(), scales.data_ptr<float>(), K, group}, xp, M, K, N, yp); break;
+        default: {
+            const at::Tensor ordered = int4_order(x);
+            const Int4Weight wt{weight.data_ptr<uint8_t>(), scales.data_ptr<float>(), K, group, K / group, __builtin_ctzll(group)};
+            linear(wt, ordered.data_ptr<float>(), M, K, N, yp);
+        }
     }
 }
 
