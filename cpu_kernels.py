@@ -21,12 +21,13 @@ from torch import Tensor
 
 ISAS = {"avx512": 2, "avx2": 1}
 isa: Optional[str] = None  # the kernels in use: "avx512", "avx2", "" (PyTorch's), None (not yet looked at)
+supported = ""  # the best this CPU runs, once built
 
 
 def enable(force: Optional[str] = None) -> str:
     """Builds (once) and loads the kernels; returns the instruction set in use, "" for none.
     force: "avx2" or "avx512" to choose one this CPU has, "" for PyTorch's kernels (tests)."""
-    global isa
+    global isa, supported
     if force is not None and force not in ISAS and force != "":
         raise ValueError(f"unknown instruction set {force!r}")
     if force == "":
@@ -52,8 +53,9 @@ def enable(force: Optional[str] = None) -> str:
         finally:
             quiet.setLevel(level)
         torch.library.register_fake("layerskip::linear")(output_shape)
-        enable.supported = {2: "avx512", 1: "avx2", 0: ""}[module.supported_isa()]
-    supported = getattr(enable, "supported", "")
+        supported = {2: "avx512", 1: "avx2", 0: ""}[module.supported_isa()]
+        if not supported:
+            print("cpu kernels: this CPU has neither AVX-512 nor AVX2 with FMA: using PyTorch's", file=sys.stderr)
     if force is not None and ISAS[force] > ISAS.get(supported, 0):
         raise ValueError(f"this CPU cannot run the {force} kernels")
     isa = supported if force is None else force
