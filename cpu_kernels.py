@@ -94,7 +94,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--isa", choices=list(ISAS), help="default: the best this CPU has")
     p.add_argument("--pytorch", action="store_true", help="PyTorch's kernels too")
+    p.add_argument("--cpu_time", action="store_true",
+                   help="time by the thread's CPU time, not the wall clock (one thread only): what a product costs "
+                        "the core, whatever else the machine runs")
     args = p.parse_args()
+    if args.cpu_time and args.threads != [1]:
+        sys.exit("--cpu_time measures one thread: add --threads 1")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     if not enable(args.isa):
         sys.exit("the kernels are not available")
 
@@ -103,9 +109,9 @@ def main() -> None:
             f()
         times = []
         for _ in range(calls):
-            start = time.perf_counter()
+            start = clock()
             f()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
         return sorted(times)[calls // 2]
 
     N, K = args.shape
@@ -116,7 +122,8 @@ def main() -> None:
     wb = w.bfloat16()
     weights = {"float32": (w, None, 0), "bfloat16": (wb, None, 0), "int8": (codes8, scales8, 0), "int4 g32": (codes4, shifted, 32)}
     big, target = torch.ones(2**26), torch.zeros(2**26)
-    print(f"{N} x {K}, isa {isa}, torch {torch.__version__}; GB/s of weight bytes, median of 30 calls")
+    print(f"{N} x {K}, isa {isa}, torch {torch.__version__}; GB/s of weight bytes, median of 30 calls "
+          f"({'thread CPU time' if args.cpu_time else 'wall clock'})")
     for threads in args.threads:
         torch.set_num_threads(threads)
         copy = 2 * big.nbytes / seconds(lambda: target.copy_(big), 10) / 1e9

@@ -176,18 +176,19 @@ class Transformer(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear, but on a CPU, where no gradient is wanted, the engine's own kernel: it reads the
     weight once for any number of rows (MKL's product reads it again and again past one row).
-    Without that kernel, one row of float32 under torch.compile is written as a reduction, which
-    streams the weight faster than MKL's matrix-vector product (BENCHMARKS.md section 12)."""
+    One row of float32 under torch.compile is written as a reduction instead, which inductor fuses
+    into the step: on small layers (the demo's) it beats a call to any kernel, and on large ones
+    it streams the weight about as fast as the kernel (BENCHMARKS.md sections 12 and 15)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        one_row = x.numel() == x.shape[-1]
+        if one_row and torch.compiler.is_compiling() and x.device.type == "cpu" and self.weight.dtype == torch.float32:
+            return (x.unsqueeze(-2) * self.weight).sum(-1)
         inference = not (torch.is_grad_enabled() and self.weight.requires_grad)
         if (x.device.type == "cpu" and self.weight.dtype in (torch.float32, torch.bfloat16) and inference
                 and cpu_kernels.ready()):
             y = cpu_kernels.linear(x, self.weight)
             return y if self.bias is None else y + self.bias
-        one_row = x.numel() == x.shape[-1]
-        if one_row and torch.compiler.is_compiling() and x.device.type == "cpu" and self.weight.dtype == torch.float32:
-            return (x.unsqueeze(-2) * self.weight).sum(-1)
         return super().forward(x)
 
 
