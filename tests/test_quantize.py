@@ -268,7 +268,8 @@ def test_quantize_state_notes_the_layers_a_kernel_cannot_run_as_they_are(capsys)
     capsys.readouterr()
     out, notes = quantize.quantize_state(state, args, "int8", None)
     assert capsys.readouterr().err == ""  # no progress bar unless asked for
-    assert notes == [f"{layer}: 40 input columns, not a multiple of 16: the CPU int8 kernel cannot run it, a dequantizing matmul does"
+    assert notes == [f"{layer}: 40 input columns, not a multiple of 16: where the engine's CPU kernels are not built, "
+                     "PyTorch's int8 kernel cannot run it and a dequantizing matmul does"
                      for layer in ("layers.0.attention.wqkv", "layers.0.feed_forward.w1", "layers.0.feed_forward.w3", "output")]
     assert out["layers.0.attention.wo.codes"].dtype == torch.int8 and "layers.0.attention.wqkv.weight" not in out
     out, notes = quantize.quantize_state(state, args, "int4", 32, progress=True)
@@ -277,10 +278,10 @@ def test_quantize_state_notes_the_layers_a_kernel_cannot_run_as_they_are(capsys)
     assert notes == [f"{layer}: 40 input columns, not a multiple of the group size 32: kept unquantized"
                      for layer in ("layers.0.attention.wqkv",)] + [
         "layers.0.attention.wo: 40 output rows, not a multiple of 16: padded with zero rows when loaded "
-        "(the int4 kernels need 16 on CPU, 8 on CUDA)",
+        "(PyTorch's int4 kernels need 8 on CUDA, 16 on a CPU without the engine's kernels)",
         "layers.0.feed_forward.w1: 40 input columns, not a multiple of the group size 32: kept unquantized",
         "layers.0.feed_forward.w2: 40 output rows, not a multiple of 16: padded with zero rows when loaded "
-        "(the int4 kernels need 16 on CPU, 8 on CUDA)",
+        "(PyTorch's int4 kernels need 8 on CUDA, 16 on a CPU without the engine's kernels)",
         "layers.0.feed_forward.w3: 40 input columns, not a multiple of the group size 32: kept unquantized",
         "output: 40 input columns, not a multiple of the group size 32: kept unquantized"]
     assert torch.equal(out["output.weight"], state["output.weight"]) and out["layers.0.feed_forward.w2.codes"].shape == (40, 32)
