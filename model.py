@@ -9,7 +9,8 @@ made once, so that a draft reads a fraction of the head; verification keeps the 
 
 Linear layers can also be weight-only quantized (quantize.py writes such files): int8 with one
 scale per output channel, or int4 in groups of input columns. The file holds plain codes; they
-are packed for this device's kernel when the model is loaded.
+are packed for this device's kernel when the model is loaded. On a CPU every linear layer runs
+the engine's own kernels (cpu_kernels.py), which read a weight once whatever the number of rows.
 """
 import json
 import math
@@ -22,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+import cpu_kernels
 
 
 @dataclass
@@ -85,12 +88,13 @@ class ModelArgs:
 class KVCache(nn.Module):
     """Static cache for one layer, allocated once; written in place at each row's own positions."""
 
-    def __init__(self, batch: int, length: int, n_kv_head: int, head_dim: int, dtype: torch.dtype):
+    def __init__(self, batch: int, length: int, n_kv_head: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
         super().__init__()
-        shape = (batch, n_kv_head, length, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("every_row", torch.arange(batch)[:, None], persistent=False)
+        shape = (batch, n_kv_head, length, head_dim)  # made on its device: no copy of it on the CPU first
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("every_row", torch.arange(batch, device=device)[:, None], persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """k, v (b, heads, T, head_dim) at input_pos (b, T) of cache rows `rows` (b,); None is every
@@ -153,8 +157,7 @@ class Transformer(nn.Module):
         self.exit_layer = self.args.n_layer if exit_layer is None else exit_layer
         for layer in self.layers:  # a tensor-parallel rank's layers have only its share of the heads
             layer.attention.kv_cache = KVCache(
-                batch, length, layer.attention.n_kv_head, layer.attention.head_dim, weight.dtype
-            ).to(weight.device)
+                batch, length, layer.attention.n_kv_head, layer.attention.head_dim, weight.dtype, weight.device)
         self.exit_cache = torch.zeros(batch, length, self.args.dim, dtype=weight.dtype, device=weight.device)
         self.every_row = torch.arange(batch, device=weight.device)[:, None]
         self.setup_rope(length)
@@ -197,17 +200,21 @@ class Transformer(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear, but for one row of float32 on a CPU under torch.compile written as a reduction.
-    For one row (a decode step, a draft) MKL runs a matrix-vector product that a second thread
-    barely speeds up; the reduction inductor generates streams the weight faster, more so on two
-    threads (an 8192 x 2048 layer: 18.0 against 15.9 GB/s on one thread, 23.6 against 17.6 on two;
-    BENCHMARKS.md section 12). Two or more rows stay with MKL: a reduction would read the weight
-    once per row."""
+    """nn.Linear, but on a CPU, where no gradient is wanted, the engine's own kernel: it reads the
+    weight once for any number of rows (MKL's product reads it again and again past one row).
+    One row of float32 under torch.compile is written as a reduction instead, which inductor fuses
+    into the step: on small layers (the demo's) it beats a call to any kernel, and on large ones
+    it streams the weight about as fast as the kernel (BENCHMARKS.md sections 12 and 15)."""
 
     def forward(self, x: Tensor) -> Tensor:
         one_row = x.numel() == x.shape[-1]
         if one_row and torch.compiler.is_compiling() and x.device.type == "cpu" and self.weight.dtype == torch.float32:
             return (x.unsqueeze(-2) * self.weight).sum(-1)
+        inference = not (torch.is_grad_enabled() and self.weight.requires_grad)
+        if (x.device.type == "cpu" and self.weight.dtype in (torch.float32, torch.bfloat16) and inference
+                and cpu_kernels.ready()):
+            y = cpu_kernels.linear(x, self.weight)
+            return y if self.bias is None else y + self.bias
         return super().forward(x)
 
 
@@ -281,7 +288,8 @@ QUANTIZATION_VERSION = 1  # of the quantized file format; load_model refuses any
 
 
 class Int8Linear(nn.Module):
-    """A linear layer stored as int8 codes with one scale per output channel: W = codes * scales."""
+    """A linear layer stored as int8 codes with one scale per output channel: W = codes * scales.
+    On a CPU the engine's kernel takes the codes as they are; without it, PyTorch's."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -290,6 +298,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features))  # cast with the model to the activation dtype
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and cpu_kernels.ready():
+            return cpu_kernels.linear(x, self.codes, self.scales.float())
         if x.device.type == "cpu" and self.in_features % 16 == 0:
             # The CPU kernel reads the int8 weight once (no float copy of it). It needs rows of a
             # multiple of 16 (it crashes on others) and, in bfloat16, 32-byte aligned input rows,
@@ -311,10 +321,21 @@ class Int4Linear(nn.Module):
         self.register_buffer("codes", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2))
 
+    own_kernel = False  # packed for cpu_kernels
+
     def pack(self) -> None:
-        """Once, after the model is on its device and in its dtype: the kernels' own weight layout,
-        with the rows padded to the multiple they need (16 on CPU, 8 on CUDA)."""
+        """Once, after the model is on its device and in its dtype: the kernels' own weight layout.
+        The engine's CPU kernel takes the codes as they are, and the scales per output channel
+        (out_features, groups, 2) in float32 as (scale, zero - 8 scale). PyTorch's kernels want
+        their packing, with the rows padded to a multiple of 16 on CPU, 8 on CUDA."""
         codes, on_cpu = self.codes, self.codes.device.type == "cpu"
+        if on_cpu and cpu_kernels.ready():
+            scale, zero = self.scales_and_zeros.float().unbind(-1)
+            self.scales_and_zeros = torch.stack([scale, zero - 8 * scale], dim=-1).transpose(0, 1).contiguous()
+            self.register_buffer("packed", self.codes)
+            del self.codes
+            self.own_kernel = True
+            return
         pad = -self.out_features % (16 if on_cpu else 8)
         codes = F.pad(codes, (0, 0, 0, pad))
         self.scales_and_zeros = F.pad(self.scales_and_zeros, (0, 0, 0, pad)).contiguous()  # zero rows: W = 0
@@ -328,6 +349,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", packed)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.own_kernel:
+            return cpu_kernels.linear(x, self.packed, self.scales_and_zeros, self.groupsize)
         rows = x.reshape(-1, self.in_features).contiguous()
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu if x.device.type == "cpu" else torch.ops.aten._weight_int4pack_mm
         out = mm(rows, self.packed, self.groupsize, self.scales_and_zeros)
@@ -452,6 +475,8 @@ def load_model(checkpoint_path: Path, device: str = "cpu", dtype: Optional[torch
         model.output.weight = model.tok_embeddings.weight
     model = model.to(device=device, dtype=dtype).eval()
     model.set_draft_vocab(draft_ids)
+    if device == "cpu":
+        cpu_kernels.ready()  # built now, not first met inside a compiled step
     for module in model.modules():
         if isinstance(module, Int4Linear):
             module.pack()

@@ -79,8 +79,8 @@ def quantize_state(state: dict, args: ModelArgs, mode: str, groupsize: Optional[
         if mode == "int8":
             out[f"{layer}.codes"], out[f"{layer}.scales"] = quantize_int8(w)
             if columns % 16:
-                notes.append(f"{layer}: {columns} input columns, not a multiple of 16: the CPU int8 kernel cannot "
-                             "run it, a dequantizing matmul does")
+                notes.append(f"{layer}: {columns} input columns, not a multiple of 16: where the engine's CPU "
+                             "kernels are not built, PyTorch's int8 kernel cannot run it and a dequantizing matmul does")
         elif columns % groupsize:
             out[name] = w
             notes.append(f"{layer}: {columns} input columns, not a multiple of the group size {groupsize}: "
@@ -89,7 +89,7 @@ def quantize_state(state: dict, args: ModelArgs, mode: str, groupsize: Optional[
             out[f"{layer}.codes"], out[f"{layer}.scales_and_zeros"] = quantize_int4(w, groupsize)
             if rows % 16:
                 notes.append(f"{layer}: {rows} output rows, not a multiple of 16: padded with zero rows when "
-                             "loaded (the int4 kernels need 16 on CPU, 8 on CUDA)")
+                             "loaded (PyTorch's int4 kernels need 8 on CUDA, 16 on a CPU without the engine's kernels)")
     return out, notes
 
 

@@ -119,7 +119,8 @@ def test_loglikelihood_matches_a_direct_forward_with_padding_and_exact_splits(ti
     for batch_size in (3, 1):
         results = engine_lm(path, batch_size=batch_size).loglikelihood(requests("loglikelihood", cases))
         for case, (logprob, is_greedy), (ref_logprob, ref_greedy) in zip(cases, results, expected):
-            assert logprob == pytest.approx(ref_logprob, abs=1e-4), (batch_size, case)
+            # float32: the engine sums in another order than transformers: ~1e-4 of rounding on a sum of ~300 nats
+            assert logprob == pytest.approx(ref_logprob, rel=1e-6, abs=1e-4), (batch_size, case)
             assert is_greedy == ref_greedy, (batch_size, case)
         assert [g for _, g in results].count(True) == 1 and results[3][1]  # the greedy case, and only it
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cpu_kernels
 import quantize
 import train
 from common import generate
@@ -45,6 +46,22 @@ def test_round_trip_within_the_bound_of_each_scheme(kind):
         assert error.max() > step.max() / 8  # the bound is near tight: nothing is skipped
 
 
+@pytest.fixture
+def pytorch_kernels(monkeypatch):
+    """CPU layers on PyTorch's kernels, as where the engine's own cannot be built."""
+    monkeypatch.setattr(cpu_kernels, "isa", "")
+
+
+@pytest.fixture(params=["own", "pytorch"])
+def kernels(request, monkeypatch):
+    """Each of the CPU's two sets of kernels: the engine's own, then PyTorch's."""
+    if request.param == "pytorch":
+        monkeypatch.setattr(cpu_kernels, "isa", "")
+    elif not cpu_kernels.ready():
+        pytest.skip("the engine's CPU kernels are not built here")
+    return request.param
+
+
 def linear(layer_kind: str, w: torch.Tensor, groupsize: int = 0) -> torch.nn.Module:
     """A quantized layer holding w's codes, as load_model builds it (then packed)."""
     rows, columns = w.shape
@@ -58,9 +75,9 @@ def linear(layer_kind: str, w: torch.Tensor, groupsize: int = 0) -> torch.nn.Mod
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_kernels_equal_a_float_matmul_of_the_dequantized_weight(dtype):
-    """Through the CPU kernels, rows of 1, 3 and 8 (decode, a verify pass, a batch), against the
-    weight the codes and the layer's scales stand for. Tolerance: 1e-5 of the output's scale in
+def test_packed_kernels_equal_a_float_matmul_of_the_dequantized_weight(dtype, kernels):
+    """Through each set of CPU kernels, rows of 1, 3 and 8 (decode, a verify pass, a batch), against
+    the weight the codes and the layer's scales stand for. Tolerance: 1e-5 of the output's scale in
     float32 (accumulation order only), 1% in bfloat16 (the output rounded to 8 bits of mantissa)."""
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     w = weights("outliers", rows=40, columns=256)  # 40 rows: int4 pads them to 48 for the CPU kernel
@@ -71,8 +88,8 @@ def test_packed_kernels_equal_a_float_matmul_of_the_dequantized_weight(dtype):
         else:
             dequantized = quantize.dequantize_int4(layer.codes, layer.scales_and_zeros, groupsize)
         if kind == "int4":
-            layer.pack()
-            assert layer.packed.shape[0] == 48 and not hasattr(layer, "codes")
+            layer.pack()  # PyTorch's kernel: rows padded to 48; the engine's: none
+            assert layer.packed.shape[0] == (48 if kernels == "pytorch" else 40) and not hasattr(layer, "codes")
         for rows in (1, 3, 8):
             x = torch.randn(2, rows, 256).to(dtype)
             expected = x.double() @ dequantized.double().t()
@@ -252,7 +269,8 @@ def test_quantize_state_notes_the_layers_a_kernel_cannot_run_as_they_are(capsys)
     capsys.readouterr()
     out, notes = quantize.quantize_state(state, args, "int8", None)
     assert capsys.readouterr().err == ""  # no progress bar unless asked for
-    assert notes == [f"{layer}: 40 input columns, not a multiple of 16: the CPU int8 kernel cannot run it, a dequantizing matmul does"
+    assert notes == [f"{layer}: 40 input columns, not a multiple of 16: where the engine's CPU kernels are not built, "
+                     "PyTorch's int8 kernel cannot run it and a dequantizing matmul does"
                      for layer in ("layers.0.attention.wqkv", "layers.0.feed_forward.w1", "layers.0.feed_forward.w3", "output")]
     assert out["layers.0.attention.wo.codes"].dtype == torch.int8 and "layers.0.attention.wqkv.weight" not in out
     out, notes = quantize.quantize_state(state, args, "int4", 32, progress=True)
@@ -261,10 +279,10 @@ def test_quantize_state_notes_the_layers_a_kernel_cannot_run_as_they_are(capsys)
     assert notes == [f"{layer}: 40 input columns, not a multiple of the group size 32: kept unquantized"
                      for layer in ("layers.0.attention.wqkv",)] + [
         "layers.0.attention.wo: 40 output rows, not a multiple of 16: padded with zero rows when loaded "
-        "(the int4 kernels need 16 on CPU, 8 on CUDA)",
+        "(PyTorch's int4 kernels need 8 on CUDA, 16 on a CPU without the engine's kernels)",
         "layers.0.feed_forward.w1: 40 input columns, not a multiple of the group size 32: kept unquantized",
         "layers.0.feed_forward.w2: 40 output rows, not a multiple of 16: padded with zero rows when loaded "
-        "(the int4 kernels need 16 on CPU, 8 on CUDA)",
+        "(PyTorch's int4 kernels need 8 on CUDA, 16 on a CPU without the engine's kernels)",
         "layers.0.feed_forward.w3: 40 input columns, not a multiple of the group size 32: kept unquantized",
         "output: 40 input columns, not a multiple of the group size 32: kept unquantized"]
     assert torch.equal(out["output.weight"], state["output.weight"]) and out["layers.0.feed_forward.w2.codes"].shape == (40, 32)
@@ -277,7 +295,7 @@ def test_quantize_state_notes_the_layers_a_kernel_cannot_run_as_they_are(capsys)
                                        for name in out), (mode, notes)
 
 
-def test_int4_pack_pads_rows_and_tiles_for_each_kernel():
+def test_int4_pack_pads_rows_and_tiles_for_each_kernel(pytorch_kernels):
     """36 rows: padded to 48 for the CPU kernel (checked against the dequantized weight), to 40 for
     the CUDA one, whose layout - (rows / 8, columns / (16 t), 32, t / 2) for inner k tiles t, the
     largest of 8, 4, 2 that divides columns / 16 - is checked on the meta device (its shapes only)."""
@@ -297,7 +315,7 @@ def test_int4_pack_pads_rows_and_tiles_for_each_kernel():
         assert layer.scales_and_zeros.shape == (columns // 32, 40, 2) and not hasattr(layer, "codes")
 
 
-def test_quantized_layers_take_inputs_the_kernels_would_refuse():
+def test_quantized_layers_take_inputs_the_kernels_would_refuse(kernels):
     """Rows that are a strided view (int4: the kernel wants them contiguous) or a view starting off
     a 32-byte boundary (int8 in bfloat16: the kernel would crash on it)."""
     w = weights("outliers", rows=40, columns=256)
@@ -313,11 +331,12 @@ def test_quantized_layers_take_inputs_the_kernels_would_refuse():
     assert (layer(x).double() - expected).abs().max() <= 1e-2 * expected.abs().max()
 
 
-def test_each_device_gets_its_kernel(monkeypatch):
-    """On the CPU, int8 runs the int8 kernel whenever the rows are a multiple of 16 long (it reads
-    the int8 weight once; the dequantizing matmul makes a float copy of it) and the int4 CPU kernel;
-    elsewhere (the meta device standing in for CUDA, shapes only) the other int4 kernel, given the
-    layer's packed weight, group size and scales."""
+def test_each_device_gets_its_kernel(monkeypatch, pytorch_kernels):
+    """Without the engine's own kernels, on the CPU, int8 runs PyTorch's int8 kernel whenever the
+    rows are a multiple of 16 long (it reads the int8 weight once; the dequantizing matmul makes a
+    float copy of it) and the int4 CPU kernel; elsewhere (the meta device standing in for CUDA,
+    shapes only) the other int4 kernel, given the layer's packed weight, group size and scales.
+    (tests/test_kernels.py checks that the engine's kernels take the CPU when they are built.)"""
     calls = []
 
     def recording(name):

@@ -1,0 +1,151 @@
+"""The engine's own CPU linear-layer kernels (cpu_kernels.cpp), built at first use.
+
+    python cpu_kernels.py   # GB/s of weight bytes of one 8192 x 2048 layer, these kernels and PyTorch's
+
+One op, torch.ops.layerskip.linear, for float32, bfloat16, int8 (a scale per output channel) and
+int4 (a scale and a zero per group) weights and float32 activations: each block of weight rows is
+read from memory once and applied to every row of the input, so a pass over k + 1 or B rows costs
+about what one row costs until the arithmetic catches up with the memory. Compiled for AVX-512 and
+for AVX2 and chosen at run time; where it cannot be built (no compiler, no ninja) the layers keep
+PyTorch's kernels and one line on stderr says so. It is an op of its own, so a compiled step stays
+one graph and reads the one copy of the weights the model holds.
+"""
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+ISAS = {"avx512": 2, "avx2": 1}
+isa: Optional[str] = None  # the kernels in use: "avx512", "avx2", "" (PyTorch's), None (not yet looked at)
+supported = ""  # the best this CPU runs, once built
+
+
+def enable(force: Optional[str] = None) -> str:
+    """Builds (once) and loads the kernels; returns the instruction set in use, "" for none.
+    force: "avx2" or "avx512" to choose one this CPU has, "" for PyTorch's kernels (tests)."""
+    global isa, supported
+    if force is not None and force not in ISAS and force != "":
+        raise ValueError(f"unknown instruction set {force!r}")
+    if force == "":
+        isa = ""
+        return isa
+    if not hasattr(torch.ops.layerskip, "linear"):
+        from torch.utils.cpp_extension import load
+        here = Path(__file__).resolve().parent
+        quiet = logging.getLogger("torch.utils.cpp_extension")  # its compiler warnings: one line says enough
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = load("layerskip_cpu_kernels", [str(here / "cpu_kernels.cpp")],
+                              extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        except Exception as e:  # no compiler, no ninja, a failed build: all of them leave PyTorch's kernels
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            detail = next((line for line in lines[1:] if "error" in line.lower() or "not found" in line), lines[-1])
+            print(f"cpu kernels not built ({detail}): using PyTorch's", file=sys.stderr)
+            isa = ""
+            return isa
+        finally:
+            quiet.setLevel(level)
+        torch.library.register_fake("layerskip::linear")(output_shape)
+        supported = {2: "avx512", 1: "avx2", 0: ""}[module.supported_isa()]
+        if not supported:
+            print("cpu kernels: this CPU has neither AVX-512 nor AVX2 with FMA: using PyTorch's", file=sys.stderr)
+    if force is not None and ISAS[force] > ISAS.get(supported, 0):
+        raise ValueError(f"this CPU cannot run the {force} kernels")
+    isa = supported if force is None else force
+    return isa
+
+
+def output_shape(x: Tensor, weight: Tensor, scales: Optional[Tensor], group: int, isa: int) -> Tensor:
+    """What torch.compile traces in place of the op."""
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def ready() -> bool:
+    """Whether CPU linear layers run these kernels; the first call outside a compiled region builds them."""
+    if isa is None and not torch.compiler.is_compiling():
+        enable()
+    return bool(isa)
+
+
+def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: int = 0) -> Tensor:
+    """x (..., K) in any float dtype against weight (N, K) float32 / bfloat16 / int8 with scales (N,),
+    or int4 codes (N, K / 2) with scales (N, K / group, 2) float32 of (scale, zero - 8 scale);
+    returns (..., N) in x's dtype. The sums are float32."""
+    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    out = torch.ops.layerskip.linear(rows, weight, scales, group, ISAS[isa])
+    return out.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+
+def main() -> None:
+    import argparse
+    import time
+    import torch.nn.functional as F
+    from quantize import quantize_int4, quantize_int8
+    p = argparse.ArgumentParser(description="GB/s of weight bytes of one layer, these kernels and PyTorch's")
+    p.add_argument("--shape", type=int, nargs=2, default=(8192, 2048), metavar=("N", "K"))
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 7, 8, 16, 32, 64])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--isa", choices=list(ISAS), help="default: the best this CPU has")
+    p.add_argument("--pytorch", action="store_true", help="PyTorch's kernels too")
+    p.add_argument("--cpu_time", action="store_true",
+                   help="time by the thread's CPU time, not the wall clock (one thread only): what a product costs "
+                        "the core, whatever else the machine runs")
+    args = p.parse_args()
+    if args.cpu_time and args.threads != [1]:
+        sys.exit("--cpu_time measures one thread: add --threads 1")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    if not enable(args.isa):
+        sys.exit("the kernels are not available")
+
+    def seconds(f, calls: int = 30) -> float:  # median
+        for _ in range(3):
+            f()
+        times = []
+        for _ in range(calls):
+            start = clock()
+            f()
+            times.append(clock() - start)
+        return sorted(times)[calls // 2]
+
+    N, K = args.shape
+    w = torch.randn(N, K) / K ** 0.5
+    codes8, scales8 = quantize_int8(w)
+    codes4, sz = quantize_int4(w, 32)
+    shifted = torch.stack([sz[..., 0], sz[..., 1] - 8 * sz[..., 0]], dim=-1).transpose(0, 1).contiguous()
+    wb = w.bfloat16()
+    weights = {"float32": (w, None, 0), "bfloat16": (wb, None, 0), "int8": (codes8, scales8, 0), "int4 g32": (codes4, shifted, 32)}
+    big, target = torch.ones(2**26), torch.zeros(2**26)
+    print(f"{N} x {K}, isa {isa}, torch {torch.__version__}; GB/s of weight bytes, median of 30 calls "
+          f"({'thread CPU time' if args.cpu_time else 'wall clock'})")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        copy = 2 * big.nbytes / seconds(lambda: target.copy_(big), 10) / 1e9
+        print(f"\n{threads} thread(s); a 256 MB copy: {copy:.1f} GB/s (read + write)")
+        print("| kernel | " + " | ".join(f"M={m}" for m in args.rows) + " |")
+        table = {}
+        for M in args.rows:
+            x = torch.randn(M, K)
+            for name, (wt, scales, group) in weights.items():
+                table.setdefault(f"own {name}", []).append(wt.nbytes / seconds(lambda: linear(x, wt, scales, group)))
+            if args.pytorch:
+                xb, nibbles = x.bfloat16(), torch.stack([codes4 >> 4, codes4 & 15], dim=-1).view(N, -1)
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles.to(torch.int32), 8)
+                table.setdefault("F.linear float32", []).append(w.nbytes / seconds(lambda: F.linear(x, w)))
+                table.setdefault("F.linear bfloat16", []).append(wb.nbytes / seconds(lambda: F.linear(xb, wb)))
+                table.setdefault("_weight_int8pack_mm (bf16 x)", []).append(codes8.nbytes / seconds(
+                    lambda: torch.ops.aten._weight_int8pack_mm(xb, codes8, scales8.bfloat16())))
+                table.setdefault("_weight_int4pack_mm_for_cpu g32 (bf16 x)", []).append(codes4.nbytes / seconds(
+                    lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, 32, sz.bfloat16())))
+        for name, row in table.items():
+            print(f"| {name} | " + " | ".join(f"{b / 1e9:.1f}" for b in row) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The engine's CPU linear kernels (cpu_kernels.py): each kind of weight on each instruction set
+against a float64 product of the same weights, a row's result independent of the rows beside it,
+the layers running them (and PyTorch's kernels where they cannot be built), and exact greedy
+self-speculation through them on quantized files, batched."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cpu_kernels
+import quantize
+from conftest import ROOT
+from model import Int4Linear, Int8Linear, Linear, load_model
+from test_batch import batch_one, run_batch
+from test_quantize import quantized  # noqa: F401 (a fixture)
+
+if not cpu_kernels.ready():
+    pytest.skip("the engine's CPU kernels are not built here", allow_module_level=True)
+
+ISAS = [isa for isa in ("avx512", "avx2") if cpu_kernels.ISAS[isa] <= cpu_kernels.ISAS[cpu_kernels.enable()]]
+cpu_kernels.enable()
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def isa(request, monkeypatch):
+    """Each instruction set's kernels, where this CPU has it (an AVX2-only CPU skips AVX-512)."""
+    if request.param not in ISAS:
+        pytest.skip(f"this CPU has no {request.param}")
+    monkeypatch.setattr(cpu_kernels, "isa", request.param)
+    return request.param
+
+
+def kernel_weights(kind: str, rows: int, columns: int) -> tuple[torch.Tensor, tuple]:
+    """A random weight of this kind: (the float weight it stands for, the kernel's arguments)."""
+    w = torch.randn(rows, columns) / columns ** 0.5
+    if kind == "float32":
+        return w, (w, None, 0)
+    if kind == "bfloat16":
+        return w.bfloat16().float(), (w.bfloat16(), None, 0)
+    if kind == "int8":
+        codes, scales = quantize.quantize_int8(w)
+        return quantize.dequantize_int8(codes, scales), (codes, scales, 0)
+    group = int(kind.removeprefix("int4 g"))
+    codes, sz = quantize.quantize_int4(w, group)
+    shifted = torch.stack([sz[..., 0], sz[..., 1] - 8 * sz[..., 0]], dim=-1).transpose(0, 1).contiguous()
+    return quantize.dequantize_int4(codes, sz, group), (codes, shifted, group)
+
+
+KINDS = ["float32", "bfloat16", "int8"] + [f"int4 g{g}" for g in quantize.GROUP_SIZES]
+ROWS = (1, 2, 3, 7, 8, 9, 33, 64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kernel_equals_a_float64_product_of_its_weights(isa, kind):
+    """Output channels a multiple of the 4-channel tile (64) and not (37); input columns a multiple
+    of the vector (512) and, but for int4 (whole groups), not (100: a scalar tail); every row count
+    of ROWS, which are and are not multiples of the row tiles (4 rows on AVX-512, 2 on AVX2).
+    Tolerance: 1e-5 of sum |x| |w| per output (float32 accumulation over at most 512 products
+    rounds to ~1e-6 of it; a wrong or missing term is of the order of the output itself)."""
+    torch.manual_seed(0)
+    for out_features, in_features in ((64, 512), (37, 512), (37, 100)):
+        if kind.startswith("int4") and in_features % int(kind.removeprefix("int4 g")):
+            continue
+        w, args = kernel_weights(kind, out_features, in_features)
+        for rows in ROWS:
+            x = torch.randn(rows, in_features)
+            got = cpu_kernels.linear(x, *args)
+            expected = x.double() @ w.double().t()
+            bound = 1e-5 * (x.double().abs() @ w.double().abs().t())
+            assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+            assert ((got.double() - expected).abs() <= bound).all(), (kind, out_features, in_features, rows)
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8", "int4 g32"])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(isa, kind):
+    """Bit for bit: each of 33 rows computed alone, in its row tile and in the whole, so that a
+    verify pass over k + 1 rows and a batch give each row what one row gives it."""
+    torch.manual_seed(1)
+    _, args = kernel_weights(kind, 37, 256)
+    x = torch.randn(33, 256)
+    whole = cpu_kernels.linear(x, *args)
+    alone = torch.cat([cpu_kernels.linear(x[i:i + 1], *args) for i in range(33)])
+    in_sevens = torch.cat([cpu_kernels.linear(x[i:i + 7], *args) for i in range(0, 33, 7)])
+    assert torch.equal(whole, alone) and torch.equal(whole, in_sevens)
+
+
+def test_layers_run_the_engines_kernel_on_the_cpu_and_pytorchs_otherwise(monkeypatch):
+    """Linear (float32 and bfloat16, no gradient wanted), Int8Linear and a packed Int4Linear call
+    layerskip.linear; a Linear whose weight wants a gradient (training) and every layer with the
+    kernels switched off (as where they cannot be built) do not, and give the same products."""
+    calls = []
+    original = torch.ops.layerskip.linear
+
+    def recording(*args):
+        calls.append(args[1].dtype)
+        return original(*args)
+
+    monkeypatch.setattr(torch.ops.layerskip, "linear", recording)
+    torch.manual_seed(2)
+    w = torch.randn(40, 256) * 0.05
+    layers = {"float32": Linear(256, 40, bias=False), "bfloat16": Linear(256, 40, bias=False).bfloat16(),
+              "int8": Int8Linear(256, 40), "int4": Int4Linear(256, 40, 32)}
+    layers["float32"].weight.data.copy_(w)
+    layers["bfloat16"].weight.data.copy_(w)
+    layers["int8"].codes, layers["int8"].scales = quantize.quantize_int8(w)
+    layers["int4"].codes, layers["int4"].scales_and_zeros = quantize.quantize_int4(w, 32)
+    fallback_int4 = Int4Linear(256, 40, 32)
+    fallback_int4.codes, fallback_int4.scales_and_zeros = layers["int4"].codes, layers["int4"].scales_and_zeros
+    layers["int4"].pack()
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        own = {name: layer(x.to(layer.weight.dtype if name == "bfloat16" else torch.float32))
+               for name, layer in layers.items()}
+    assert calls == [torch.float32, torch.bfloat16, torch.int8, torch.uint8]
+    calls.clear()
+    trained = layers["float32"](x)  # the weight wants a gradient: autograd's product
+    assert trained.requires_grad and calls == []
+    monkeypatch.setattr(cpu_kernels, "isa", "")
+    fallback_int4.pack()
+    layers["int4"] = fallback_int4
+    with torch.no_grad():
+        for name, layer in layers.items():
+            theirs = layer(x.to(layer.weight.dtype if name == "bfloat16" else torch.float32)).float()
+            tolerance = 2e-2 if name == "bfloat16" else 1e-4
+            assert (theirs - own[name].float()).abs().max() <= tolerance * theirs.abs().max(), name
+    assert calls == []
+
+
+def test_a_failed_build_says_so_in_one_line_and_keeps_pytorchs_kernels(tmp_path):
+    """No C++ compiler: one line on stderr, and the layers run PyTorch's kernels."""
+    code = "import cpu_kernels; print(repr(cpu_kernels.enable()))"
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "''\n", proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cpu kernels not built (") and "using PyTorch's" in lines[0], lines
+
+
+def test_greedy_self_speculation_through_the_kernels_equals_autoregression_batched(quantized, isa):  # noqa: F811
+    """int8 and int4 files in float32 activations, on each instruction set's kernels: batched rows
+    (refills included) get exactly their batch-1 autoregressive tokens, autoregressive and
+    self-speculative."""
+    torch.manual_seed(0)
+    prompts = [torch.randint(3, 300, (n,)).tolist() for n in (1, 9, 4, 17)]
+    for mode in ("int8", "int4"):
+        model = load_model(quantized("llama32", mode), dtype=torch.float32)
+        reference = [batch_one(model, p, 19) for p in prompts]
+        for exit_layer, k, batch_size in ((None, 0, 3), (2, 3, 3), (4, 6, 1)):
+            tokens, _ = run_batch(model, prompts, 19, batch_size, exit_layer, k)
+            assert tokens == reference, (mode, exit_layer, k, batch_size)
