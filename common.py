@@ -14,7 +14,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -126,8 +126,23 @@ def cache_length(prompt_lengths: list[int], max_new_tokens: int, context: int, s
 
 # --- sampling ------------------------------------------------------------------------------------
 
-def logits_to_probs(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
-    """Sampling distribution over the last dim; temperature 0 is the one-hot argmax (greedy)."""
+def per_row(setting: Tensor, like: Tensor) -> Tensor:
+    """A per-row setting (B,) shaped to broadcast over `like` (B, ..., V)."""
+    return setting.view(-1, *[1] * (like.dim() - 1))
+
+
+def logits_to_probs(logits: Tensor, temperature: Union[float, Tensor], top_k: Union[int, None, Tensor],
+                    top_p: Optional[Tensor] = None) -> Tensor:
+    """Sampling distribution over the last dim; temperature 0 is the one-hot argmax (greedy).
+
+    The settings are numbers, the same for every row and compiled into the graph as constants, or
+    tensors (B,) with one value per row of logits (B, ..., V) - temperature (0: greedy), top_k (0:
+    off) and top_p (1: off) - so that rows sampling differently (a server's requests) share one
+    compiled step. Greedy rows are one-hot there too: a greedy row's tokens do not depend on its
+    neighbours' settings.
+    """
+    if isinstance(temperature, Tensor):
+        return row_probs(logits, temperature, top_k, top_p)
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
     logits = logits.float() / temperature
@@ -137,10 +152,68 @@ def logits_to_probs(logits: Tensor, temperature: float, top_k: Optional[int]) ->
     return torch.softmax(logits, dim=-1)
 
 
-def sample_from_probs(probs: Tensor) -> Tensor:
+def row_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """logits_to_probs with a setting per row. One sort of each row's logits serves both filters:
+    top-k keeps the k largest, top-p then the fewest largest whose probability reaches top_p."""
+    greedy = per_row(temperature == 0, logits)
+    scaled = logits.float() / per_row(torch.where(temperature > 0, temperature, 1.0), logits)
+    ordered = scaled.sort(dim=-1, descending=True).values
+    vocab = logits.shape[-1]
+    k = per_row(torch.where(top_k > 0, top_k.clamp(max=vocab), vocab), logits)
+    kth = ordered.gather(-1, (k - 1).expand(*logits.shape[:-1], 1))
+    ordered_probs = torch.softmax(torch.where(ordered < kth, -float("inf"), ordered), dim=-1)
+    mass_before = ordered_probs.cumsum(-1) - ordered_probs  # of the tokens ranked above each one
+    kept = mass_before < per_row(top_p, logits)  # the first is always kept: nothing is above it
+    threshold = torch.maximum(torch.where(kept, ordered, float("inf")).amin(-1, keepdim=True), kth)
+    probs = torch.softmax(torch.where(scaled < threshold, -float("inf"), scaled), dim=-1)
+    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), vocab).to(torch.float32)
+    return torch.where(greedy, one_hot, probs)
+
+
+# What a row's random draw is for: its draws are a function of (seed, position, purpose, index) alone.
+TOKEN, DRAFT, ACCEPT = 0, 1, 2
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) in int64 arithmetic that never overflows."""
+    x = x & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def row_uniform(seed: Tensor, position: Tensor, purpose: int, n: Optional[int] = None) -> Tensor:
+    """Uniform draws in (0, 1) from each row's own random stream, counter-based: a function of the
+    row's seed (B,), the position (B, ...) of the token they decide, what they decide (TOKEN, DRAFT,
+    ACCEPT) and, with n, an index 0..n-1 in a last dim. So a seeded row's tokens do not depend on
+    what shares its batch or how its steps fell; and a draw is never reused for what it decided:
+    a position's token draws decide it once, and a draft's draws are drawn again only after that
+    draft was thrown away unjudged."""
+    seed = per_row(seed, position)
+    key = _mix32(_mix32(seed) ^ (seed >> 32))
+    key = _mix32(key ^ _mix32(position * 4 + purpose))
+    if n is not None:
+        key = _mix32(key[..., None] ^ _mix32(torch.arange(n, device=position.device) + 0x9E3779B))
+    return ((key >> 8).float() + 0.5) * 2.0 ** -24  # 24 random bits: exact in float32, never 0 or 1
+
+
+def sample_from_probs(probs: Tensor, seed: Optional[Tensor] = None, position: Optional[Tensor] = None,
+                      purpose: int = TOKEN) -> Tensor:
+    """One draw from probs over the last dim: from torch's generator, or with seed (B,) from each
+    row's own stream (row_uniform) for the tokens at `position`."""
     # argmax(p / Exp(1)) draws from p (the exponential-race trick) without the host sync that
     # torch.multinomial makes; on a one-hot p it returns the argmax exactly.
-    return torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1)
+    if seed is None:
+        exponential = torch.empty_like(probs).exponential_(1)
+    else:
+        exponential = -torch.log(row_uniform(seed, position, purpose, probs.shape[-1]))
+    return torch.argmax(probs / exponential, dim=-1)
+
+
+def settings_for(rows: Tensor, temperature, top_k, top_p, seed) -> tuple:
+    """The per-row settings of cache rows `rows`; numbers pass through."""
+    return tuple(s[rows] if isinstance(s, Tensor) else s for s in (temperature, top_k, top_p, seed))
 
 
 # --- prefill and the autoregressive step -----------------------------------------------------------
@@ -153,24 +226,27 @@ def model_logits(model: Transformer, idx: Tensor, input_pos: Tensor, early_exit:
     return model(idx, input_pos, rows)
 
 
-def prefill(model: Transformer, idx: Tensor, lengths: Tensor, rows: Tensor, temperature: float,
-            top_k: Optional[int], early_exit: bool = False) -> Tensor:
+def prefill(model: Transformer, idx: Tensor, lengths: Tensor, rows: Tensor, temperature: Union[float, Tensor],
+            top_k: Union[int, None, Tensor], early_exit: bool = False, top_p: Optional[Tensor] = None,
+            seed: Optional[Tensor] = None) -> Tensor:
     """Prompts idx (b, T), right-padded to the longest, into cache rows `rows`; returns each row's
     first generated token (b,). Padding sits past each prompt's end, where the position mask hides
-    it until decoding overwrites it."""
+    it until decoding overwrites it. Per-row settings (tensors) hold a value for every cache row."""
+    temperature, top_k, top_p, seed = settings_for(rows, temperature, top_k, top_p, seed)
     input_pos = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)
     logits = model_logits(model, idx, input_pos, early_exit, rows)
     last = logits[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
-    return sample_from_probs(logits_to_probs(last, temperature, top_k))
+    return sample_from_probs(logits_to_probs(last, temperature, top_k, top_p), seed, lengths)
 
 
-def decode_one_token(model: Transformer, token: Tensor, pos: Tensor, temperature: float,
-                     top_k: Optional[int], early_exit: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def decode_one_token(model: Transformer, token: Tensor, pos: Tensor, temperature: Union[float, Tensor],
+                     top_k: Union[int, None, Tensor], early_exit: bool = False, top_p: Optional[Tensor] = None,
+                     seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One autoregressive token for every row: token (B, 1) at pos (B,). Returns what a
     self-speculative step returns, with no drafts: (out (B, 1), accepted (B,) = 0, next token,
     next position)."""
     logits = model_logits(model, token, pos[:, None], early_exit)[:, -1]
-    next_token = sample_from_probs(logits_to_probs(logits, temperature, top_k))[:, None]
+    next_token = sample_from_probs(logits_to_probs(logits, temperature, top_k, top_p), seed, pos + 1)[:, None]
     return next_token, torch.zeros_like(pos), next_token, pos + 1
 
 
@@ -180,9 +256,15 @@ def generate_batch(model: Transformer, prompts: Iterable[list[int]], max_new_tok
                    prefill_fn: Callable, steps: dict[int, Callable], stop_ids: set[int], batch_size: int = 1,
                    policy=None, on_tokens: Optional[Callable[[int, list[int], list[bool]], None]] = None,
                    on_done: Optional[Callable[[dict], None]] = None,
-                   stop: Optional[Callable[[int, list[int]], bool]] = None) -> list[dict]:
+                   stop: Optional[Callable[[int, list[int]], bool]] = None,
+                   admit: Optional[Callable[[int, int], None]] = None) -> list[dict]:
     """Generates for every prompt, `batch_size` rows at a time; returns one result per prompt, in
     the prompts' order.
+
+    prompts may be an iterator that has none ready now and more later (a server's queue): its
+    StopIteration ends nothing; the loop asks again whenever a row is free, and returns once every
+    row is free and it has none. admit(index, row) is called as a prompt takes cache row `row`,
+    before its prefill (a server writes the row's sampling settings there).
 
     prefill_fn(model, idx, lengths, rows) -> first tokens, and steps {k: step(model, token, pos)}
     (k = 0: autoregressive) come with their sampling settings bound. With several steps a policy
@@ -202,7 +284,7 @@ def generate_batch(model: Transformer, prompts: Iterable[list[int]], max_new_tok
     pos = torch.zeros(batch_size, dtype=torch.long, device=device)
     rows: list[Optional[dict]] = [None] * batch_size  # the prompt each row is generating, or None
     idle_rows, idle = None, None
-    queue = iter(enumerate(prompts))
+    queue, taken = iter(prompts), 0
     results = []
 
     def finish(r: int) -> None:
@@ -233,9 +315,17 @@ def generate_batch(model: Transformer, prompts: Iterable[list[int]], max_new_tok
 
     def refill() -> None:
         """Prefills the next prompts into the free rows, all of them in one padded pass."""
+        nonlocal taken
         while None in rows:
-            free = [r for r, row in enumerate(rows) if row is None]
-            starting = [(r, item) for r, item in zip(free, queue)]
+            starting = []
+            for r in [r for r, row in enumerate(rows) if row is None]:
+                prompt = next(queue, None)
+                if prompt is None:
+                    break
+                starting.append((r, (taken, prompt)))
+                if admit:
+                    admit(taken, r)
+                taken += 1
             if not starting:
                 return
             start = time.perf_counter()

@@ -30,26 +30,29 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from common import atomic_write, decode_one_token, generate_batch, logits_to_probs, prefill, sample_from_probs
+from common import (ACCEPT, DRAFT, atomic_write, decode_one_token, generate_batch, logits_to_probs, prefill, row_uniform,
+                    sample_from_probs)
 from model import ModelArgs, Transformer
 from tokenizer import load_tokenizer
 
 AUTO_K = (0, 1, 2, 4, 6, 8)  # what "auto" chooses from; 0 is an autoregressive step
 
 
-def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, temperature: float,
-                     top_k: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, temperature: Union[float, Tensor],
+                     top_k: Union[int, None, Tensor], top_p: Optional[Tensor] = None,
+                     seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """token (B, 1) at positions pos (B,), one row per cache row. Returns (out (B, k + 1), n (B,),
     next_token (B, 1), next_pos (B,)): out[b, :n[b] + 1] are row b's n[b] accepted drafts and one
-    token from the full model; next_token[b] = out[b, n[b]]."""
+    token from the full model; next_token[b] = out[b, n[b]]. Sampling settings as logits_to_probs
+    takes them; with seed (B,) every draw comes from the row's own stream (common.row_uniform)."""
     batch = token.shape[0]
     rows = torch.arange(batch, device=pos.device)
     kept = model.draft_ids  # drafts over these tokens only (Transformer.set_draft_vocab), or None: all
     drafts, choices, draft_probs = [], [], []
     x = token
     for i in range(k):  # unrolled when compiled: k is a constant
-        probs = logits_to_probs(model.draft_head(model.early(x, (pos + i)[:, None]))[:, -1], temperature, top_k)
-        choice = sample_from_probs(probs)  # an index into the draft head's tokens
+        probs = logits_to_probs(model.draft_head(model.early(x, (pos + i)[:, None]))[:, -1], temperature, top_k, top_p)
+        choice = sample_from_probs(probs, seed, pos + i + 1, DRAFT)  # an index into the draft head's tokens
         x = (choice if kept is None else kept[choice])[:, None]
         drafts.append(x)
         choices.append(choice[:, None])
@@ -58,7 +61,7 @@ def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, tem
 
     positions = pos[:, None] + torch.arange(k + 1, device=pos.device)  # (B, k + 1)
     exit_states = model.exit_cache[rows[:, None], positions]
-    target_probs = logits_to_probs(model.head(model.late(exit_states, positions)), temperature, top_k)
+    target_probs = logits_to_probs(model.head(model.late(exit_states, positions)), temperature, top_k, top_p)
 
     # Accept draft i with probability min(1, p_i(d_i) / q_i(d_i)); n = accepted before the first miss.
     # q is the draft distribution: over the draft head's tokens, zero outside them.
@@ -66,7 +69,11 @@ def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, tem
     q = torch.stack(draft_probs, 1)  # (B, k, N): N the draft head's tokens
     p_draft = target_probs[:, :k].gather(2, draft[..., None])[..., 0]
     q_draft = q.gather(2, torch.cat(choices, 1)[..., None])[..., 0]
-    accept = torch.rand(batch, k, device=pos.device) * q_draft < p_draft
+    if seed is None:
+        uniform = torch.rand(batch, k, device=pos.device)
+    else:
+        uniform = row_uniform(seed, positions[:, 1:], ACCEPT)
+    accept = uniform * q_draft < p_draft
     n = torch.cumprod(accept.int(), 1).sum(1)
 
     # The token after the accepted drafts: from max(p - q, 0) after a rejection, from p after k
@@ -79,7 +86,7 @@ def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, tem
     else:
         residual = p_next.scatter_add(1, kept.expand(batch, -1), -q_next).clamp_min(0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
-    next_token = sample_from_probs(residual)[:, None]  # (B, 1)
+    next_token = sample_from_probs(residual, seed, pos + n + 1)[:, None]  # (B, 1)
     out = torch.cat([draft, next_token], 1)
     out = torch.where(torch.arange(k + 1, device=pos.device) == n[:, None], next_token, out)
     return out, n, next_token, pos + n + 1
@@ -186,19 +193,24 @@ def draft_vocab_for(args: argparse.Namespace, checkpoint_path: Path) -> Optional
     return draft_vocab_ids(tokenizer, args.draft_vocab, vocab_size, counts)
 
 
-def speculative_steps(ks: tuple[int, ...], temperature: float, top_k: Optional[int],
-                      step_fn: Callable = speculative_step, decode_fn: Callable = decode_one_token) -> dict[int, Callable]:
-    """{k: step(model, token, pos)} with the sampling settings bound; k = 0 is an autoregressive step."""
-    return {k: partial(step_fn, k=k, temperature=temperature, top_k=top_k) if k
-            else partial(decode_fn, temperature=temperature, top_k=top_k) for k in ks}
+def speculative_steps(ks: tuple[int, ...], temperature: Union[float, Tensor], top_k: Union[int, None, Tensor],
+                      step_fn: Callable = speculative_step, decode_fn: Callable = decode_one_token,
+                      **row_settings: Tensor) -> dict[int, Callable]:
+    """{k: step(model, token, pos)} with the sampling settings bound; k = 0 is an autoregressive step.
+    row_settings: top_p and seed, where the settings are per-row tensors."""
+    return {k: partial(step_fn, k=k, temperature=temperature, top_k=top_k, **row_settings) if k
+            else partial(decode_fn, temperature=temperature, top_k=top_k, **row_settings) for k in ks}
 
 
-def decoding_functions(temperature: float, top_k: Optional[int], speculate_k: Union[int, str, None] = None,
-                       early_exit: bool = False, compile: bool = False, device: str = "cpu",
-                       compile_prefill: bool = False) -> tuple[Callable, dict[int, Callable]]:
+def decoding_functions(temperature: Union[float, Tensor], top_k: Union[int, None, Tensor],
+                       speculate_k: Union[int, str, None] = None, early_exit: bool = False, compile: bool = False,
+                       device: str = "cpu", compile_prefill: bool = False,
+                       **row_settings: Tensor) -> tuple[Callable, dict[int, Callable]]:
     """A run's prefill and steps ({k: step}; 0 is autoregressive): one autoregressive step without
     speculate_k, one drafting k tokens with it, AUTO_K's with "auto"; compiled if asked (the steps
-    as whole graphs, on CUDA replayed as CUDA graphs), with their sampling settings bound."""
+    as whole graphs, on CUDA replayed as CUDA graphs), with their sampling settings bound: numbers
+    for every row, or tensors (B,) that hold each cache row's (with row_settings top_p and seed;
+    a server writes a row's values as a request takes it)."""
     prefill_fn, decode_fn, step_fn = prefill, decode_one_token, speculative_step
     if compile:
         on_cuda = device.startswith("cuda")
@@ -210,9 +222,10 @@ def decoding_functions(temperature: float, top_k: Optional[int], speculate_k: Un
         step_fn = torch.compile(speculative_step, mode=mode, fullgraph=True)
         if compile_prefill:
             prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
-    sampling = dict(temperature=temperature, top_k=top_k)
+    sampling = dict(temperature=temperature, top_k=top_k, **row_settings)
     if speculate_k is not None:
-        steps = speculative_steps(AUTO_K if speculate_k == "auto" else (speculate_k,), temperature, top_k, step_fn, decode_fn)
+        steps = speculative_steps(AUTO_K if speculate_k == "auto" else (speculate_k,), temperature, top_k, step_fn, decode_fn,
+                                  **row_settings)
     else:
         steps = {0: partial(decode_fn, early_exit=early_exit, **sampling)}
     return partial(prefill_fn, early_exit=early_exit, **sampling), steps

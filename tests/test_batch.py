@@ -189,6 +189,44 @@ def test_batched_sampling_has_the_full_model_distribution_over_several_steps():
     assert far_off((0,), None, 3, early_exit=True)
 
 
+@pytest.mark.parametrize("late_scale", [0.3, 3.0])  # drafts mostly right; mostly wrong (the token after a rejection)
+def test_per_row_settings_and_seeded_streams_keep_the_full_model_distribution(late_scale):
+    """The server's sampling: settings as per-row tensors written as each prompt takes a row, and
+    every draw from the row's own seeded stream (common.row_uniform, one seed per prompt), with k
+    switching from step to step (1, 3, autoregressive, ...), on a model whose drafts are mostly
+    right and on one whose drafts are mostly wrong. Same resolution as the test above: a checked
+    token (pair) whose distribution is 0.03 (0.05) off in TV is detected, with a false-alarm
+    budget of 1e-3 over both models. The same check fails when every row has the same seed, and
+    (on the second model) when the token after a rejection reuses the draws of the token before."""
+    model = damped_model(late_scale)
+    depth = 6
+    delta = 1e-3 / (4 * (2 * depth - 1))
+    eps = {m: math.sqrt((m * math.log(2) + math.log(1 / delta)) / (2 * ROWS)) for m in (VOCAB, VOCAB ** 2)}
+    assert eps[VOCAB] < 0.03 and eps[VOCAB ** 2] < 0.05
+    exact = [exact_distributions(model, prompt, depth) for prompt in PROMPTS]
+
+    def far_off(seed_of) -> list[str]:
+        model.setup_caches(ROWS, 16, EXIT)
+        with torch.inference_mode():
+            settings = dict(temperature=torch.full((ROWS,), TEMPERATURE), top_k=torch.full((ROWS,), TOP_K),
+                            top_p=torch.ones(ROWS), seed=torch.zeros(ROWS, dtype=torch.long))
+            results = generate_batch(model, PROMPTS * ROWS, depth, prefill_fn=partial(prefill, **settings),
+                                     steps=speculative_steps((0, 1, 3), **settings),
+                                     stop_ids=frozenset(), batch_size=ROWS, policy=Cycle([1, 3, 0]),
+                                     admit=lambda index, row: settings["seed"].__setitem__(row, seed_of(index)))
+        off = []
+        for p, (exact_marginals, exact_pairs) in enumerate(exact):
+            marginals, pairs = empirical([r["generated_tokens"] for r in results[p::2]], depth)
+            off += [f"prompt {p} token {i}: {tv(a, b):.3f}" for i, (a, b) in enumerate(zip(marginals, exact_marginals))
+                    if tv(a, b) >= eps[VOCAB]]
+            off += [f"prompt {p} tokens {i}, {i + 1}: {tv(a, b):.3f}" for i, (a, b) in enumerate(zip(pairs, exact_pairs))
+                    if tv(a, b) >= eps[VOCAB ** 2]]
+        return off
+
+    assert far_off(lambda index: 1_000_003 * index + 17) == []
+    assert far_off(lambda index: 5)
+
+
 # --- found by mutation testing (setup.cfg) ---------------------------------------------------------
 
 def test_loop_bookkeeping_on_a_scripted_model():
@@ -322,6 +360,32 @@ def test_logits_to_probs_exactly():
         assert probs.dtype == torch.float32 and probs.shape == logits.shape
         assert torch.allclose(probs.double(), expected(temperature, top_k or 5), atol=1e-6), (temperature, top_k)
     assert torch.equal(logits_to_probs(logits[0, 0], 1.3, 2) > 0, torch.tensor([False, True, False, False, True]))
+
+
+def test_per_row_settings_equal_shared_ones_and_top_p_equals_transformers():
+    """Settings as tensors, one per row (a server's batch): each row's distribution is what
+    logits_to_probs gives that row with numbers, and top-p (after temperature and top-k, in that
+    order) is transformers' TopPLogitsWarper's; greedy rows are one-hot whatever their neighbours."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3, 50) * 3  # (rows, positions, vocabulary)
+    temperature = torch.tensor([0.0, 0.7, 1.3, 1.0, 0.5, 2.0])
+    top_k = torch.tensor([0, 0, 5, 1, 20, 3])
+    top_p = torch.tensor([1.0, 0.9, 1.0, 1.0, 0.5, 0.8])
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    assert probs.dtype == torch.float32 and probs.shape == logits.shape
+    for row in range(6):
+        t, k, p = temperature[row].item(), top_k[row].item() or None, top_p[row].item()
+        if p == 1.0:
+            expected = logits_to_probs(logits[row], t, k)
+        else:
+            scores = TemperatureLogitsWarper(t)(None, logits[row].clone())
+            scores = TopKLogitsWarper(k)(None, scores) if k else scores
+            expected = torch.softmax(TopPLogitsWarper(p)(None, scores), -1)
+        assert torch.allclose(probs[row], expected, atol=1e-6), row
+    assert torch.equal(probs[0], torch.nn.functional.one_hot(logits[0].argmax(-1), 50).float())
+    assert ((probs[4] > 0).sum(-1) < 20).all() and ((probs[5] > 0).sum(-1) <= 3).all()  # top-p cut deeper than top-k
 
 
 def test_sample_from_probs_draws_from_probs_along_the_last_dim():
