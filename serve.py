@@ -57,7 +57,7 @@ class StreamOptions(BaseModel):
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
     model: str
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=1)  # None: up to the context
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=1)  # not OpenAI's, as vLLM and llama.cpp's server take it
@@ -71,6 +71,7 @@ class Sampling(BaseModel):
 
 class CompletionRequest(Sampling):
     prompt: Union[str, list[str]]
+    max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
 
 
 class Message(BaseModel):
@@ -192,7 +193,7 @@ class Job:
     """A request: its choices, its settings and the queue its handler reads events from."""
 
     def __init__(self, body: Sampling, prompts: list[list[int]], prompt_texts: list[str], loop, seed: int):
-        self.n, self.max_tokens = body.n, body.max_tokens
+        self.n, self.max_tokens = body.n, body.max_tokens  # None: until the context ends
         self.temperature, self.top_k, self.top_p = body.temperature, body.top_k, body.top_p
         self.stop = [body.stop] if isinstance(body.stop, str) else [s for s in body.stop or [] if s]
         self.prompt_texts = prompt_texts
