@@ -40,11 +40,13 @@ AUTO_K = (0, 1, 2, 4, 6, 8)  # what "auto" chooses from; 0 is an autoregressive 
 
 def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, temperature: Union[float, Tensor],
                      top_k: Union[int, None, Tensor], top_p: Optional[Tensor] = None,
-                     seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     seed: Optional[Tensor] = None, limit: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """token (B, 1) at positions pos (B,), one row per cache row. Returns (out (B, k + 1), n (B,),
     next_token (B, 1), next_pos (B,)): out[b, :n[b] + 1] are row b's n[b] accepted drafts and one
     token from the full model; next_token[b] = out[b, n[b]]. Sampling settings as logits_to_probs
-    takes them; with seed (B,) every draw comes from the row's own stream (common.row_uniform)."""
+    takes them; with seed (B,) every draw comes from the row's own stream (common.row_uniform).
+    limit (B,), given, caps each row's drafts: row b takes at most limit[b] <= k of them, as a
+    step with k = limit[b] would (PerRowK)."""
     batch = token.shape[0]
     rows = torch.arange(batch, device=pos.device)
     kept = model.draft_ids  # drafts over these tokens only (Transformer.set_draft_vocab), or None: all
@@ -75,12 +77,16 @@ def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, tem
         uniform = row_uniform(seed, positions[:, 1:], ACCEPT)
     accept = uniform * q_draft < p_draft
     n = torch.cumprod(accept.int(), 1).sum(1)
+    if limit is not None:
+        n = torch.minimum(n, limit)
 
     # The token after the accepted drafts: from max(p - q, 0) after a rejection, from p after k
     # acceptances (q padded with zeros); falls back to p if rounding left no residual mass. Only
     # position n of each row is needed: q of the kept tokens is subtracted there.
     p_next = target_probs[rows, n]  # (B, V)
     q_next = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, n]  # (B, N)
+    if limit is not None:  # a row that took all its limit[b] drafts: the next token from p
+        q_next = torch.where((n < limit)[:, None], q_next, 0.0)
     if kept is None:
         residual = (p_next - q_next).clamp_min(0)
     else:
@@ -197,9 +203,11 @@ def speculative_steps(ks: tuple[int, ...], temperature: Union[float, Tensor], to
                       step_fn: Callable = speculative_step, decode_fn: Callable = decode_one_token,
                       **row_settings: Tensor) -> dict[int, Callable]:
     """{k: step(model, token, pos)} with the sampling settings bound; k = 0 is an autoregressive step.
-    row_settings: top_p and seed, where the settings are per-row tensors."""
+    row_settings: top_p and seed, where the settings are per-row tensors; and the drafting steps'
+    limit (PerRowK)."""
+    sampling = {name: value for name, value in row_settings.items() if name != "limit"}
     return {k: partial(step_fn, k=k, temperature=temperature, top_k=top_k, **row_settings) if k
-            else partial(decode_fn, temperature=temperature, top_k=top_k, **row_settings) for k in ks}
+            else partial(decode_fn, temperature=temperature, top_k=top_k, **sampling) for k in ks}
 
 
 def decoding_functions(temperature: Union[float, Tensor], top_k: Union[int, None, Tensor],
@@ -349,6 +357,36 @@ class AdaptiveK:
         if self.probing:  # drafting resumes, or AR waits longer before the next probe
             self.wait = self.first_wait if best_k(self.survival(), self.seconds) else min(2 * self.wait, self.max_wait)
         self.waited = 0
+
+
+class PerRowK:
+    """--speculate_k auto for a server: every cache row has its own AdaptiveK, which hears only its
+    row's acceptance, and a step drafts the most any row asks for while each row takes at most its
+    own k (speculative_step's limit, this object's tensor). A row's text then depends on nothing
+    but its prompt and seed, whatever shares the batch - with one policy for the batch a seeded
+    sampled text would fall differently in other company - at the price of steps as long as the
+    most hopeful row's. start(row) / end(row) as a text takes and leaves a row."""
+
+    def __init__(self, seconds: dict[int, float], limit: Tensor):
+        self.seconds, self.limit = seconds, limit
+        self.rows: dict[int, AdaptiveK] = {}
+        self.chosen: dict[int, int] = {}  # the last step's k per row, in row order (as observe's counts)
+
+    def start(self, row: int) -> None:
+        self.rows[row] = AdaptiveK(self.seconds)
+
+    def end(self, row: int) -> None:
+        self.rows.pop(row, None)
+
+    def choose(self) -> int:
+        self.chosen = {row: policy.choose() for row, policy in sorted(self.rows.items())}
+        self.limit.copy_(torch.tensor([self.chosen.get(row, 0) for row in range(len(self.limit))]))
+        return max(self.chosen.values(), default=0)
+
+    def observe(self, k: int, accepted: list[int]) -> None:
+        for (row, row_k), n in zip(self.chosen.items(), accepted):
+            if row in self.rows:  # not ended in this step
+                self.rows[row].observe(row_k, [n])
 
 
 def speculative_generate(model: Transformer, prompt: Tensor, max_new_tokens: int, k: Union[int, str], *,

@@ -13,8 +13,8 @@ the others keep their place) and leaves it when it ends, is cancelled or its cli
 Every row has its own sampling settings - temperature, top-k, top-p and seed are tensors of the
 compiled step, written into a row as a request takes it - so requests that sample differently
 share one graph, greedy rows stay exact, and a seeded request's draws come from its own stream
-(common.row_uniform): its text does not depend on what else shares the batch (with a fixed k;
-with auto, k is chosen for the batch and a seeded text can fall differently).
+(common.row_uniform). With --speculate_k auto each row chooses its own k (self_spec.PerRowK), so
+a seeded request's text does not depend on what else shares the batch.
 """
 import argparse
 import asyncio
@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Callable, Literal, Optional, Union
 
@@ -39,7 +40,7 @@ import tp
 from common import DTYPES, check_device, check_exit_layer, fail, generate_batch
 from generate import fastest_threads
 from model import Transformer, load_model
-from self_spec import (AUTO_K, AdaptiveK, add_draft_vocab_flags, decoding_functions, draft_vocab_checks,
+from self_spec import (AUTO_K, PerRowK, add_draft_vocab_flags, decoding_functions, draft_vocab_checks,
                        draft_vocab_for, measure_step_seconds, parse_speculate_k, warm_up)
 from tokenizer import load_tokenizer, render_chat
 
@@ -137,6 +138,7 @@ class Choice:
         self.text, self.sent = "", 0
         self.finish_reason: Optional[str] = None
         self.cancelled = False
+        self.row: Optional[int] = None  # the cache row it generates in
         self.last_time: Optional[float] = None
 
     def settings(self) -> tuple:
@@ -256,6 +258,7 @@ class Engine:
         with torch.device(self.device):  # each row's sampling settings, written as a text takes the row
             self.settings = dict(temperature=torch.zeros(rows), top_k=torch.zeros(rows, dtype=torch.long),
                                  top_p=torch.ones(rows), seed=torch.zeros(rows, dtype=torch.long))
+        self.row_tensors = dict(self.settings)  # what rank 0 sends the other ranks before each call
         self.prefill, steps = self.make_steps(speculate_k=self.speculate_k, compile=self.compile, device=self.device,
                                               **self.settings)
         self.context = model.args.max_seq_length
@@ -268,7 +271,12 @@ class Engine:
             torch.set_num_threads(self.threads)
         if self.compile:
             log.info("compiled in %.1f s", warm_up(model, self.prefill, steps, rows))
-        self.policy = AdaptiveK(measure_step_seconds(model, steps, rows)) if len(steps) > 1 else None
+        self.policy = None
+        if len(steps) > 1:  # auto: each row chooses its own k, the step drafts the most any row asks for
+            with torch.device(self.device):
+                self.row_tensors["limit"] = limit = torch.zeros(rows, dtype=torch.long)
+            steps = {k: partial(step, limit=limit) if k else step for k, step in steps.items()}
+            self.policy = PerRowK(measure_step_seconds(model, steps, rows), limit)
         self.steps = steps
         if dist.is_initialized() and dist.get_rank() == 0:  # the other ranks make every call rank 0 makes
             self.prefill = self.announced("prefill", self.prefill)
@@ -290,7 +298,7 @@ class Engine:
     def announced(self, what, call: Callable) -> Callable:
         def announce_and_call(model, *tensors):
             tp.broadcast((what, [(t.tolist(), t.dtype) for t in tensors],
-                          {name: s.tolist() for name, s in self.settings.items()}))
+                          {name: s.tolist() for name, s in self.row_tensors.items()}))
             return call(model, *tensors)
         return announce_and_call
 
@@ -303,7 +311,7 @@ class Engine:
             if what == "idle":
                 continue
             for name, values in settings.items():
-                self.settings[name].copy_(torch.tensor(values))
+                self.row_tensors[name].copy_(torch.tensor(values))
             call = self.prefill if what == "prefill" else self.steps[what]
             call(self.model, *[torch.tensor(values, dtype=dtype, device=self.device) for values, dtype in tensors])
 
@@ -346,14 +354,19 @@ class Engine:
                 raise StopIteration
 
         def admit(index: int, row: int) -> None:
+            taken[index].row = row
             for name, value in zip(self.settings, taken[index].settings()):
                 self.settings[name][row] = value
+            if self.policy:
+                self.policy.start(row)
             self.metrics.rows_busy.inc()
             self.metrics.prompt_tokens.inc(len(taken[index].prompt))
 
         def on_done(result: dict) -> None:
             choice = taken[result["index"]]
             self.metrics.rows_busy.dec()
+            if self.policy:
+                self.policy.end(choice.row)
             drafted = sum(k * n for k, n in result["k_steps"].items())
             self.metrics.drafted.inc(drafted)
             self.metrics.accepted.inc(round((result["acceptance_rate"] or 0) * drafted))

@@ -194,7 +194,8 @@ def test_per_row_settings_and_seeded_streams_keep_the_full_model_distribution(la
     """The server's sampling: settings as per-row tensors written as each prompt takes a row, and
     every draw from the row's own seeded stream (common.row_uniform, one seed per prompt), with k
     switching from step to step (1, 3, autoregressive, ...), on a model whose drafts are mostly
-    right and on one whose drafts are mostly wrong. Same resolution as the test above: a checked
+    right and on one whose drafts are mostly wrong, and in the steps of k = 3 each row capped at
+    its own number of drafts (the server's per-row k). Same resolution as the test above: a checked
     token (pair) whose distribution is 0.03 (0.05) off in TV is detected, with a false-alarm
     budget of 1e-3 over both models. The same check fails when every row has the same seed, and
     (on the second model) when the token after a rejection reuses the draws of the token before."""
@@ -205,14 +206,27 @@ def test_per_row_settings_and_seeded_streams_keep_the_full_model_distribution(la
     assert eps[VOCAB] < 0.03 and eps[VOCAB ** 2] < 0.05
     exact = [exact_distributions(model, prompt, depth) for prompt in PROMPTS]
 
+    class CycleWithLimits(Cycle):
+        """k = 1, 3, AR, ...; in the steps of k = 3 rows take at most 0, 1, 2 or 3 drafts (by row)."""
+
+        def __init__(self, limit):
+            super().__init__([1, 3, 0])
+            self.limit = limit
+
+        def choose(self) -> int:
+            k = super().choose()
+            self.limit.copy_(torch.arange(ROWS) % 4 if k == 3 else torch.full((ROWS,), k))
+            return k
+
     def far_off(seed_of) -> list[str]:
         model.setup_caches(ROWS, 16, EXIT)
         with torch.inference_mode():
+            limit = torch.zeros(ROWS, dtype=torch.long)
             settings = dict(temperature=torch.full((ROWS,), TEMPERATURE), top_k=torch.full((ROWS,), TOP_K),
                             top_p=torch.ones(ROWS), seed=torch.zeros(ROWS, dtype=torch.long))
             results = generate_batch(model, PROMPTS * ROWS, depth, prefill_fn=partial(prefill, **settings),
-                                     steps=speculative_steps((0, 1, 3), **settings),
-                                     stop_ids=frozenset(), batch_size=ROWS, policy=Cycle([1, 3, 0]),
+                                     steps=speculative_steps((0, 1, 3), **settings, limit=limit),
+                                     stop_ids=frozenset(), batch_size=ROWS, policy=CycleWithLimits(limit),
                                      admit=lambda index, row: settings["seed"].__setitem__(row, seed_of(index)))
         off = []
         for p, (exact_marginals, exact_pairs) in enumerate(exact):

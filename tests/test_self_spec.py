@@ -434,3 +434,30 @@ def test_warm_up_lets_dynamo_compile_as_many_graphs_as_it_asks_for(monkeypatch):
         assert torch._dynamo.config.recompile_limit == 8
         warm_up(model, lambda *args: None, steps, batch_size=2)
         assert torch._dynamo.config.recompile_limit == 2 * len(AUTO_K) == 12
+
+
+def test_per_row_k_gives_every_row_the_choice_its_own_acceptance_makes():
+    """PerRowK (a server's auto): each row's limit is what an AdaptiveK hearing only that row
+    would choose, the step's k the largest of them; counts reach the rows they belong to, in row
+    order, and a row that ended in the step is left out."""
+    from self_spec import PerRowK
+    seconds = {0: 1.0, 1: 1.1, 2: 1.2, 4: 1.4, 6: 1.6, 8: 1.8}
+    limit = torch.zeros(4, dtype=torch.long)
+    policy, alone = PerRowK(seconds, limit), {1: AdaptiveK(seconds), 3: AdaptiveK(seconds)}
+    policy.start(3)
+    policy.start(1)
+    for _ in range(12):  # row 1's drafts are always right, row 3's never
+        k = policy.choose()
+        expected = {row: p.choose() for row, p in alone.items()}
+        assert limit.tolist() == [0, expected[1], 0, expected[3]] and k == max(expected.values())
+        counts = {1: expected[1], 3: 0}
+        policy.observe(k, [counts[1], counts[3]])
+        for row, p in alone.items():
+            p.observe(expected[row], [counts[row]])
+    assert limit[1] >= 4 and limit[3] <= 1  # they went their own ways
+    k = policy.choose()
+    policy.end(1)  # row 1 ends inside this step: its count goes nowhere
+    policy.observe(k, [0, 0])
+    expected_3 = alone[3].choose()
+    alone[3].observe(expected_3, [0])
+    assert policy.choose() == alone[3].choose() and limit[1] == 0

@@ -24,7 +24,7 @@ from openai import APIStatusError, OpenAI
 
 KEY = "test-key"
 MODEL = "tiny"
-SERVER = ["--draft_layers", "2", "--speculate_k", "3", "--batch_size", "4", "--threads", "1", "--model_name", MODEL]
+SERVER = ["--draft_layers", "2", "--speculate_k", "auto", "--batch_size", "4", "--threads", "1", "--model_name", MODEL]
 PROMPTS = ["The quick brown fox", "def greedy(logits):", "Reading the weights", "In the morning the train",
            "class KVCache:", "Numbers like 3, 14", "She said that the", "The cache stores the keys"]
 MAX_TOKENS = 24
@@ -81,7 +81,7 @@ def server(checkpoints, tmp_path_factory):
     for chat in (False, True):
         cmd = [sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(checkpoint),
                "--prompts_file", str(folder / "prompts.txt"), "--temperature", "0", "--draft_layers", "2",
-               "--speculate_k", "3", "--max_new_tokens", str(MAX_TOKENS), "--threads", "1"] + (["--chat"] if chat else [])
+               "--speculate_k", "auto", "--max_new_tokens", str(MAX_TOKENS), "--threads", "1"] + (["--chat"] if chat else [])
         run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert run.returncode == 0, run.stderr
@@ -126,7 +126,7 @@ def test_greedy_requests_equal_generate_alone_and_among_sixteen_concurrent(serve
         answers = list(pool.map(lambda job: client.completions.create(model=MODEL, max_tokens=MAX_TOKENS, **job), jobs))
     for prompt, answer in zip(PROMPTS, answers):
         assert answer.choices[0].text == reply(reference[False, prompt]), prompt
-    # a seeded request's text does not depend on what shares its batch
+    # a seeded request's text does not depend on what shares its batch, though each row chooses its own k
     assert answers[9].choices[0].text == alone
     other_seed = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=MAX_TOKENS, **{**sampled[1], "seed": 99})
     assert other_seed.choices[0].text != alone  # and it does sample: another seed, another text
@@ -175,7 +175,9 @@ def test_models_health_metrics_and_the_api_key(server):
     assert after["layerskip_generated_tokens_total"] - before["layerskip_generated_tokens_total"] == r.usage.completion_tokens
     assert after["layerskip_prompt_tokens_total"] - before["layerskip_prompt_tokens_total"] == r.usage.prompt_tokens
     assert after['layerskip_requests_total{outcome="ok"}'] - before['layerskip_requests_total{outcome="ok"}'] == 1
-    assert after['layerskip_steps_total{k="3"}'] > before['layerskip_steps_total{k="3"}']
+    def steps(samples):
+        return sum(v for name, v in samples.items() if name.startswith("layerskip_steps_total"))
+    assert steps(after) > steps(before)
     assert 0 <= after["layerskip_accepted_tokens_total"] <= after["layerskip_draft_tokens_total"]
     assert after["layerskip_time_to_first_token_seconds_count"] - before["layerskip_time_to_first_token_seconds_count"] == 1
     assert after["layerskip_rows_busy"] == 0 and after["layerskip_queue_length"] == 0
