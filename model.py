@@ -161,6 +161,19 @@ class Transformer(nn.Module):
         self.exit_cache = torch.zeros(batch, length, self.args.dim, dtype=weight.dtype, device=weight.device)
         self.every_row = torch.arange(batch, device=weight.device)[:, None]
         self.setup_rope(length)
+        caches = [layer.attention.kv_cache for layer in self.layers]
+        self.row_views = {batch: [(self, "exit_cache", self.exit_cache), (self, "every_row", self.every_row)] + [
+            (cache, name, getattr(cache, name)) for cache in caches for name in ("k", "v", "every_row")]}
+        self.batch = batch
+
+    def use_rows(self, n: int) -> None:
+        """Decode steps (rows None) run on the first n rows of the caches from now on: views of
+        them, no copy, so a step of a batch whose other rows are idle costs n rows. Prefills name
+        their rows and need every row: use_rows(the full batch) first."""
+        if n not in self.row_views:
+            self.row_views[n] = [(module, name, tensor[:n]) for module, name, tensor in self.row_views[self.batch]]
+        for module, name, tensor in self.row_views[n]:
+            setattr(module, name, tensor)
 
     def _mask(self, input_pos: Tensor) -> Tensor:
         # A query at position p sees cache entries 0..p of its own row only: entries past it are

@@ -45,6 +45,7 @@ from self_spec import (AUTO_K, PerRowK, add_draft_vocab_flags, decoding_function
 from tokenizer import load_tokenizer, render_chat
 
 log = logging.getLogger("serve")
+ROW_SIZES = (1, 4, 16, 64)  # the leading rows a step may run on (and the batch size): one graph per step for each
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "demo" / "model.pth"
 
 
@@ -229,6 +230,7 @@ class Engine:
         self.waiting: collections.deque[Choice] = collections.deque()
         self.lock = threading.Condition()
         self.draining = False
+        self.busy: set[int] = set()  # cache rows generating
         self.ready, self.failed = threading.Event(), None
         self.thread = threading.Thread(target=self.run, name="model", daemon=True)
 
@@ -253,35 +255,38 @@ class Engine:
             choice.job.send(("error", 503, "the server is shutting down"))
 
     def setup(self) -> None:
-        """Caches for every row at the full context, the thread count, the compiled steps, k's costs."""
+        """Caches for every row at the full context; the steps for each number of leading rows a
+        step may run on (ROW_SIZES up to the batch: a step costs the rows it runs, and with one
+        request in flight that is one), compiled; the thread count; k's costs."""
         model, rows = self.model, self.batch_size
         with torch.device(self.device):  # each row's sampling settings, written as a text takes the row
             self.settings = dict(temperature=torch.zeros(rows), top_k=torch.zeros(rows, dtype=torch.long),
                                  top_p=torch.ones(rows), seed=torch.zeros(rows, dtype=torch.long))
-        self.row_tensors = dict(self.settings)  # what rank 0 sends the other ranks before each call
+            limit = torch.zeros(rows, dtype=torch.long)  # auto: the drafts each row takes (PerRowK)
         self.prefill, steps = self.make_steps(speculate_k=self.speculate_k, compile=self.compile, device=self.device,
                                               **self.settings)
+        auto = len(steps) > 1
+        self.row_tensors = {**self.settings, **({"limit": limit} if auto else {})}  # sent to the other ranks
         self.context = model.args.max_seq_length
         with torch.device(self.device):
             model.setup_caches(rows, self.context + max(steps) + 1, self.exit_layer)
+        self.sizes = sorted({n for n in ROW_SIZES if n < rows} | {rows})
+        self.sized_steps = {n: {k: partial(step, **{name: t[:n] for name, t in self.row_tensors.items() if k or name != "limit"})
+                                for k, step in steps.items()} for n in self.sizes}
         if self.threads is None and self.device == "cpu" and torch.get_num_threads() > 1:
             uncompiled = self.make_steps(speculate_k=self.speculate_k, **self.settings)[1]
             self.threads = fastest_threads(model, uncompiled[min(uncompiled)], rows)
         elif self.threads:
             torch.set_num_threads(self.threads)
         if self.compile:
-            log.info("compiled in %.1f s", warm_up(model, self.prefill, steps, rows))
-        self.policy = None
-        if len(steps) > 1:  # auto: each row chooses its own k, the step drafts the most any row asks for
-            with torch.device(self.device):
-                self.row_tensors["limit"] = limit = torch.zeros(rows, dtype=torch.long)
-            steps = {k: partial(step, limit=limit) if k else step for k, step in steps.items()}
-            self.policy = PerRowK(measure_step_seconds(model, steps, rows), limit)
-        self.steps = steps
-        if dist.is_initialized() and dist.get_rank() == 0:  # the other ranks make every call rank 0 makes
-            self.prefill = self.announced("prefill", self.prefill)
-            self.steps = {k: self.announced(k, step) for k, step in steps.items()}
-        self.steps = {k: self.counted(k, step) for k, step in self.steps.items()}
+            seconds = 0.0
+            for n in self.sizes:
+                model.use_rows(n)
+                seconds += warm_up(model, self.prefill, self.sized_steps[n], n)
+            log.info("compiled %d steps for %s rows in %.1f s", len(steps), "/".join(map(str, self.sizes)), seconds)
+        model.use_rows(rows)
+        self.policy = PerRowK(measure_step_seconds(model, self.sized_steps[rows], rows), limit) if auto else None
+        self.steps = {k: self.counted(k, self.sized(k)) for k in steps}
 
     def counted(self, k: int, step: Callable) -> Callable:
         counter = self.metrics.steps.labels(k=str(k))
@@ -291,29 +296,54 @@ class Engine:
             return step(*args)
         return step_and_count
 
+    def sized(self, k: int) -> Callable:
+        """Step k on the fewest leading rows that hold every busy row; the idle rows past them keep
+        their token and position, and their output (ignored) is zeros."""
+        def step(model, token, pos):
+            n = next(size for size in self.sizes if size > max(self.busy, default=0))
+            self.announce((n, k), token[:n], pos[:n])
+            model.use_rows(n)
+            out, accepted, next_token, next_pos = self.sized_steps[n][k](model, token[:n], pos[:n])
+            if n == len(pos):
+                return out, accepted, next_token, next_pos
+            idle = len(pos) - n
+            return (torch.cat([out, out.new_zeros(idle, out.shape[1])]), torch.cat([accepted, accepted.new_zeros(idle)]),
+                    torch.cat([next_token, token[n:]]), torch.cat([next_pos, pos[n:]]))
+        return step
+
+    def prefill_rows(self, model, *tensors):
+        """A prefill names its cache rows: every row's caches."""
+        self.announce("prefill", *tensors)
+        model.use_rows(self.batch_size)
+        return self.prefill(model, *tensors)
+
     # Tensor parallelism: rank 0 runs the loop and, before each prefill or step, tells the other
     # ranks what it calls with what - the admissions are prefills into rows, with the rows' settings -
     # so that every rank runs the same sharded passes (and collectives) in the same order.
 
-    def announced(self, what, call: Callable) -> Callable:
-        def announce_and_call(model, *tensors):
+    def announce(self, what, *tensors) -> None:
+        if dist.is_initialized():
             tp.broadcast((what, [(t.tolist(), t.dtype) for t in tensors],
                           {name: s.tolist() for name, s in self.row_tensors.items()}))
-            return call(model, *tensors)
-        return announce_and_call
 
     def follow(self) -> None:
         """A rank other than 0: the calls rank 0 announces, until it says it has stopped."""
         while True:
-            what, tensors, settings = tp.broadcast(None)
+            what, tensors, values = tp.broadcast(None)
             if what is None:
                 return
             if what == "idle":
                 continue
-            for name, values in settings.items():
-                self.row_tensors[name].copy_(torch.tensor(values))
-            call = self.prefill if what == "prefill" else self.steps[what]
-            call(self.model, *[torch.tensor(values, dtype=dtype, device=self.device) for values, dtype in tensors])
+            for name, value in values.items():
+                self.row_tensors[name].copy_(torch.tensor(value))
+            tensors = [torch.tensor(value, dtype=dtype, device=self.device) for value, dtype in tensors]
+            if what == "prefill":
+                self.model.use_rows(self.batch_size)
+                self.prefill(self.model, *tensors)
+            else:
+                n, k = what
+                self.model.use_rows(n)
+                self.sized_steps[n][k](self.model, *tensors)
 
     def run(self) -> None:
         with torch.inference_mode():  # thread-local: the settings and caches are made here, on this thread
@@ -355,6 +385,7 @@ class Engine:
 
         def admit(index: int, row: int) -> None:
             taken[index].row = row
+            self.busy.add(row)
             for name, value in zip(self.settings, taken[index].settings()):
                 self.settings[name][row] = value
             if self.policy:
@@ -365,6 +396,7 @@ class Engine:
         def on_done(result: dict) -> None:
             choice = taken[result["index"]]
             self.metrics.rows_busy.dec()
+            self.busy.discard(choice.row)
             if self.policy:
                 self.policy.end(choice.row)
             drafted = sum(k * n for k, n in result["k_steps"].items())
@@ -375,7 +407,7 @@ class Engine:
                 choice.done("length")  # where the text did not end itself: its context ran out, or draining
 
         try:
-            generate_batch(self.model, Waiting(), self.context, prefill_fn=self.prefill, steps=self.steps,
+            generate_batch(self.model, Waiting(), self.context, prefill_fn=self.prefill_rows, steps=self.steps,
                            stop_ids=self.tokenizer.stop_ids, batch_size=self.batch_size, policy=self.policy,
                            on_tokens=lambda i, new, _: taken[i].add(new, self.tokenizer, self.metrics),
                            on_done=on_done, admit=admit,
@@ -383,6 +415,7 @@ class Engine:
         except Exception:
             log.exception("the model loop failed; its requests are answered with an error, the server goes on")
             self.metrics.rows_busy.set(0)
+            self.busy.clear()
             for choice in taken:
                 if choice.finish_reason is None and not choice.cancelled:
                     choice.finish_reason = "error"

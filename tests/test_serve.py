@@ -302,10 +302,10 @@ def test_a_fault_in_the_loop_answers_its_requests_with_500_and_the_server_goes_o
         prefill_fn, steps = decoding_functions(**kwargs)
 
         def step_that_may_fail(step):
-            def run(*args):
+            def run(*args, **kwargs):
                 if broken.is_set():
                     raise RuntimeError("a fault for the test")
-                return step(*args)
+                return step(*args, **kwargs)
             return run
         return prefill_fn, {k: step_that_may_fail(step) for k, step in steps.items()}
 
@@ -327,7 +327,19 @@ def test_a_fault_in_the_loop_answers_its_requests_with_500_and_the_server_goes_o
             again = await http.post("/v1/completions", json=body)
             assert again.status_code == 200 and again.json()["choices"][0]["text"] == good
 
+            # Two at once: the short one in row 0 ends first; the long one goes on alone in row 1, so
+            # its steps run on two rows (its text is the one it has alone, in row 0).
             with engine.lock:  # the loop cannot take from the queue while the lock is held (here, re-entered)
+                tasks = [asyncio.create_task(http.post("/v1/completions", json={**body, "prompt": PROMPTS[1], "max_tokens": 2})),
+                         asyncio.create_task(http.post("/v1/completions", json=body))]
+                for _ in range(1000):
+                    if len(engine.waiting) == 2:
+                        break
+                    await asyncio.sleep(0.01)
+            short, long = await asyncio.gather(*tasks)
+            assert short.status_code == 200 and long.json()["choices"][0]["text"] == good
+
+            with engine.lock:
                 engine.waiting.extend([SimpleNamespace(cancelled=True)] * 3)  # skipped if the loop ever took them
                 full = await http.post("/v1/completions", json=body)
                 engine.waiting.clear()
