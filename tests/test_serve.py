@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from conftest import ROOT
 
@@ -88,7 +87,7 @@ def server(checkpoints, tmp_path_factory):
         for line in run.stdout.splitlines():
             record = json.loads(line)
             reference[chat, record["prompt"]] = record
-    proc, url = start_server(checkpoint)
+    proc, url = start_server(checkpoint, "--draft_vocab", "200")  # exact all the same: generate.py drafts over all
     client = OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
     yield proc, url, client, reference
     err = stop_server(proc)
@@ -285,6 +284,18 @@ def test_tensor_parallel_server_over_gloo(server, checkpoints):
     finally:
         err = stop_server(proc)
     assert 'serve.py", line' not in err, err  # (torchrun itself prints its own traceback on SIGTERM)
+
+
+def test_bad_command_lines_get_one_line_and_exit_1(checkpoints, tmp_path):
+    checkpoint, _ = checkpoints("json")
+    cases = [(["--checkpoint_path", str(tmp_path / "none.pth")], "not found"),
+             (["--checkpoint_path", str(checkpoint), "--draft_layers", "9"], "--draft_layers must be between 1 and 5"),
+             (["--checkpoint_path", str(checkpoint), "--port", "70000"], "--port"),
+             (["--checkpoint_path", str(checkpoint), "--draft_vocab", "50"], "--draft_vocab needs --draft_layers")]
+    for flags, words in cases:
+        run = subprocess.run([sys.executable, str(ROOT / "serve.py"), *flags], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode == 1 and words in run.stderr and len(run.stderr.strip().splitlines()) == 1, (flags, run.stderr)
 
 
 # --- in process: a fault inside the model loop, a full queue ---------------------------------------
