@@ -689,6 +689,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     t.add_argument("--llama_cpp_source", type=Path, help="with a quantized --checkpoint_path and --compare llama.cpp: "
                    "the unquantized model.pth that llama.cpp converts and quantizes with its own tools (default: "
                    "model.pth beside the checkpoint)")
+    t.add_argument("--llama_cpp_gguf", type=Path, help="with --compare llama.cpp: run llama.cpp on this GGUF file as it is "
+                   "(the one --checkpoint_path was converted from, convert_hf_checkpoint.py --gguf) instead of converting "
+                   "the engine's weights with llama.cpp's tools")
     t.add_argument("--profile", action="store_true", help="time the pieces of a step (eager) and the copy bandwidth")
     t.add_argument("--memory", action="store_true", help="caches and peak memory, AR vs self-speculation")
     t.add_argument("--output", type=Path, help="write every measurement here (JSON)")
@@ -722,6 +725,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         (args.sweep is not None and args.batch_size is not None, "--sweep and --batch_size are separate runs"),
         (bool(args.compare) and (args.sweep is not None or args.batch_size is not None), "--compare times batch 1, without --sweep"),
         (args.llama_cpp_source is not None and "llama.cpp" not in args.compare, "--llama_cpp_source goes with --compare llama.cpp"),
+        (args.llama_cpp_gguf is not None and "llama.cpp" not in args.compare, "--llama_cpp_gguf goes with --compare llama.cpp"),
+        (args.llama_cpp_gguf is not None and args.llama_cpp_source is not None, "--llama_cpp_gguf and --llama_cpp_source exclude each other"),
+        (args.llama_cpp_gguf is not None and not (args.llama_cpp_gguf or Path()).is_file(),
+         f"--llama_cpp_gguf: file not found: {args.llama_cpp_gguf}"),
         (args.llama_cpp_source is not None and not (args.llama_cpp_source or Path()).is_file(),
          f"--llama_cpp_source: checkpoint not found: {args.llama_cpp_source}"),
         (args.device.split(":")[0] not in ("cpu", "cuda"), f"unknown device {args.device!r}: use cpu or cuda"),
@@ -860,7 +867,7 @@ def benchmark(args: argparse.Namespace, argv: list[str], tmp: Path) -> dict:
                 at_exit(exit_layer)
                 print(f"# late_scale {label['late_scale']}", file=sys.stderr)
             methods = engine_methods(model, fns, exit_layer, args.max_new_tokens, stop_ids)
-            if args.compare:  # the peers read the weights as they are now (a synthetic model's: scaled)
+            if set(args.compare) - ({"llama.cpp"} if args.llama_cpp_gguf else set()):  # the peers read the weights as they are now (a synthetic model's: scaled)
                 write_hf_checkpoint(peer_weights(model, args), tokenizer_path, tmp / "hf")
             for name in args.compare:
                 context = {"n_ctx": length} if name == "llama.cpp" else {}  # its KV cache: as long as the engine's
@@ -898,10 +905,15 @@ def benchmark(args: argparse.Namespace, argv: list[str], tmp: Path) -> dict:
 
 def llama_cpp_report(info: dict) -> str:
     types = ", ".join(f"{n} {t}" for t, n in sorted((info["tensor_types"] or {}).items(), key=lambda x: -x[1]))
-    made = (f"{info['quantization']} by llama.cpp's quantizer from an {info['converter_outtype']} GGUF of the unquantized "
-            f"weights" if info["quantization"] else f"{info['converter_outtype']}")
+    if info["converter_outtype"] is None:
+        made = "the file the engine's checkpoint was converted from, as it is"
+    elif info["quantization"]:
+        made = (f"{info['quantization']} by llama.cpp's quantizer from an {info['converter_outtype']} GGUF of the unquantized "
+                "weights, written by llama.cpp's converter from the engine's weights")
+    else:
+        made = f"{info['converter_outtype']}, written by llama.cpp's converter from the engine's weights"
     return (f"llama.cpp (llama-cpp-python {info['llama_cpp_python']}, autoregressive: no early-exit drafting): "
-            f"{info['gguf']}, {made}, written by llama.cpp's converter from the engine's weights ({types or '?'} "
+            f"{info['gguf']}, {made} ({types or '?'} "
             f"tensors, {info['gguf_bytes'] / 1e6:.0f} MB); threads: {info['threads']}, KV cache {info['kv_cache_type']}, "
             f"greedy on the engine's prompt token ids, timed in its worker process (the pipe's round trip, median "
             f"{statistics.median(info['pipe_overhead_ms'] or [0]):.2f} ms, not counted); last-position logits differ "

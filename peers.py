@@ -405,23 +405,10 @@ def peer_weights(model: Transformer, args: argparse.Namespace) -> Transformer:
     return float_model
 
 
-def llama_cpp_methods(folder: Path, model: Transformer, args: argparse.Namespace, exit_layer: int,
-                      check_tokens: list[int], stop_ids: set[int], n_ctx: Optional[int] = None) -> tuple[list[Method], dict]:
-    """llama.cpp on the same weights: `folder` (write_hf_checkpoint, of the unquantized weights)
-    converted to GGUF by llama.cpp's own converter, quantized by llama.cpp's own quantizer as the
-    engine's model is (llama_cpp_formats), generation timed through llama-cpp-python in a worker
-    process (LlamaCppWorker), greedy, autoregressive (llama.cpp has no early-exit drafting), with
-    the benchmark's threads. Its last-position logits on check_tokens are compared with the
-    engine's: for an unquantized model they must match, else the conversion is wrong."""
-    env = llama_cpp_environment()
-    LlamaCppWorker.close_all()  # an earlier variant's (--late_scales): its rows are done
-    try:
-        formats = llama_cpp_formats(args.dtype, engine_quantization(model))
-    except ValueError as e:
-        fail(str(e))
-    threads = args.threads or torch.get_num_threads()
-    work = folder.parent / "llama.cpp"
-    work.mkdir(exist_ok=True)
+def convert_for_llama_cpp(folder: Path, model: Transformer, formats: dict, env: dict, threads: int,
+                          work: Path) -> tuple[Path, str]:
+    """`folder` converted to GGUF by llama.cpp's converter and quantized by its quantizer as
+    `formats` says; the file and a note on the tokenizer it was given."""
     # The converter's input: the folder's weights and config, and a SentencePiece tokenizer.model.
     source = work / "hf"
     shutil.rmtree(source, ignore_errors=True)
@@ -449,6 +436,31 @@ def llama_cpp_methods(folder: Path, model: Transformer, args: argparse.Namespace
                       "quantizer (llama_model_quantize)")
         gguf.unlink()
         gguf = quantized
+    return gguf, tokenizer_note
+
+
+def llama_cpp_methods(folder: Path, model: Transformer, args: argparse.Namespace, exit_layer: int,
+                      check_tokens: list[int], stop_ids: set[int], n_ctx: Optional[int] = None) -> tuple[list[Method], dict]:
+    """llama.cpp on the same weights: `folder` (write_hf_checkpoint, of the unquantized weights)
+    converted to GGUF by llama.cpp's own converter, quantized by llama.cpp's own quantizer as the
+    engine's model is (llama_cpp_formats), generation timed through llama-cpp-python in a worker
+    process (LlamaCppWorker), greedy, autoregressive (llama.cpp has no early-exit drafting), with
+    the benchmark's threads. Its last-position logits on check_tokens are compared with the
+    engine's: for an unquantized model they must match, else the conversion is wrong."""
+    env = llama_cpp_environment()
+    LlamaCppWorker.close_all()  # an earlier variant's (--late_scales): its rows are done
+    try:
+        formats = llama_cpp_formats(args.dtype, engine_quantization(model))
+    except ValueError as e:
+        fail(str(e))
+    threads = args.threads or torch.get_num_threads()
+    work = folder.parent / "llama.cpp"
+    work.mkdir(parents=True, exist_ok=True)
+    if args.llama_cpp_gguf is not None:  # the user's own file, as llama.cpp would run it
+        gguf, tokenizer_note, formats = args.llama_cpp_gguf, "the GGUF's own (fed the engine's token ids)", {
+            **llama_cpp_formats(args.dtype, None), "outtype": None, "quant": "the file's own"}
+    else:
+        gguf, tokenizer_note = convert_for_llama_cpp(folder, model, formats, env, threads, work)
     n_ctx = n_ctx or model.args.max_seq_length
     worker = LlamaCppWorker(env, gguf, threads, n_ctx, GGML_TYPES[formats["kv"]], work / "worker.log")
 
@@ -463,7 +475,7 @@ def llama_cpp_methods(folder: Path, model: Transformer, args: argparse.Namespace
         fail(f"llama.cpp's model has {theirs.numel()} logits, the engine's {ours.numel()}: not the same model")
     difference = ((ours - theirs).abs().max() / ours.abs().max()).item()
     same_argmax = bool(ours.argmax() == theirs.argmax())
-    if formats["quant"] is None and difference > (1e-3 if args.dtype == "float32" else 1e-1):
+    if formats["quant"] is None and args.llama_cpp_gguf is None and difference > (1e-3 if args.dtype == "float32" else 1e-1):
         fail(f"llama.cpp's logits differ from the engine's by {difference:.2g} of their largest: {gguf.name} "
              f"does not hold the engine's weights")
     info = {"gguf": gguf.name, "converter_outtype": formats["outtype"], "quantization": formats["quant"],

@@ -247,6 +247,7 @@ def test_bad_input_is_one_line(checkpoints, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("LCPP_PY", raising=False)  # --compare llama.cpp: its environment is missing
     path, _ = checkpoints("llama2")
+    capsys.readouterr()  # the conversion's progress, when this test makes the checkpoint
     ckpt = ["--checkpoint_path", str(path), "--threads", "1", "--repeats", "1", "--max_new_tokens", "4"]
     short = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "The quick"}])
     cases = [
@@ -265,6 +266,11 @@ def test_bad_input_is_one_line(checkpoints, tmp_path, capsys, monkeypatch):
         (ckpt + ["--dataset", "humaneval", "--max_new_tokens", "500"], "context"),
         (["--synthetic", "--dataset", "humaneval"], "--dataset"),
         (["--checkpoint_path", str(tmp_path / "model.pth"), "--dataset", "humaneval"], "not found"),
+        (ckpt + ["--dataset", "humaneval", "--llama_cpp_gguf", str(path)], "goes with --compare llama.cpp"),
+        (ckpt + ["--dataset", "humaneval", "--compare", "llama.cpp", "--llama_cpp_gguf", str(tmp_path / "x.gguf")],
+         "--llama_cpp_gguf: file not found"),
+        (ckpt + ["--dataset", "humaneval", "--compare", "llama.cpp", "--llama_cpp_gguf", str(path),
+                 "--llama_cpp_source", str(path)], "exclude each other"),
     ]
     for argv, words in cases:
         with pytest.raises(SystemExit) as exit_:
