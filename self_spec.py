@@ -360,33 +360,53 @@ class AdaptiveK:
 
 
 class PerRowK:
-    """--speculate_k auto for a server: every cache row has its own AdaptiveK, which hears only its
-    row's acceptance, and a step drafts the most any row asks for while each row takes at most its
-    own k (speculative_step's limit, this object's tensor). A row's text then depends on nothing
-    but its prompt and seed, whatever shares the batch - with one policy for the batch a seeded
-    sampled text would fall differently in other company - at the price of steps as long as the
-    most hopeful row's. start(row) / end(row) as a text takes and leaves a row."""
+    """--speculate_k auto for a server. A row whose text must not depend on what shares its batch
+    (seeded sampling: `own`) has its own AdaptiveK, which hears only that row's acceptance and
+    prices steps at the full batch's costs; the other rows (greedy, whose tokens do not depend on
+    k, and unseeded sampling) follow one AdaptiveK for all of them, priced at the costs of a step
+    on as many rows as the next step runs (step_rows()). A step drafts the most any of them asks
+    for, and each row takes at most its own k (speculative_step's limit: this object's tensor).
+    seconds: {rows a step runs on: {k: seconds}}. start(row, own) / end(row) as a text takes and
+    leaves a row."""
 
-    def __init__(self, seconds: dict[int, float], limit: Tensor):
-        self.seconds, self.limit = seconds, limit
-        self.rows: dict[int, AdaptiveK] = {}
+    def __init__(self, seconds: dict[int, dict[int, float]], limit: Tensor, step_rows: Callable[[], int]):
+        self.seconds, self.limit, self.step_rows = seconds, limit, step_rows
+        self.full = seconds[max(seconds)]
+        self.shared, self.others = AdaptiveK(self.full), set()
+        self.own: dict[int, AdaptiveK] = {}
         self.chosen: dict[int, int] = {}  # the last step's k per row, in row order (as observe's counts)
+        self.shared_k: Optional[int] = None  # the shared policy's k in the last step (None: it had no rows)
 
-    def start(self, row: int) -> None:
-        self.rows[row] = AdaptiveK(self.seconds)
+    def start(self, row: int, own: bool) -> None:
+        if own:
+            self.own[row] = AdaptiveK(self.full)
+        else:
+            self.others.add(row)
 
     def end(self, row: int) -> None:
-        self.rows.pop(row, None)
+        self.own.pop(row, None)
+        self.others.discard(row)
 
     def choose(self) -> int:
-        self.chosen = {row: policy.choose() for row, policy in sorted(self.rows.items())}
+        chosen = {row: policy.choose() for row, policy in self.own.items()}
+        self.shared_k = None
+        if self.others:
+            self.shared.seconds = self.seconds[self.step_rows()]
+            self.shared_k = self.shared.choose()
+            chosen.update((row, self.shared_k) for row in self.others)
+        self.chosen = dict(sorted(chosen.items()))
         self.limit.copy_(torch.tensor([self.chosen.get(row, 0) for row in range(len(self.limit))]))
         return max(self.chosen.values(), default=0)
 
     def observe(self, k: int, accepted: list[int]) -> None:
+        shared = []
         for (row, row_k), n in zip(self.chosen.items(), accepted):
-            if row in self.rows:  # not ended in this step
-                self.rows[row].observe(row_k, [n])
+            if row in self.own:  # not ended in this step
+                self.own[row].observe(row_k, [n])
+            elif row in self.others:
+                shared.append(n)
+        if self.shared_k is not None:
+            self.shared.observe(self.shared_k, shared)
 
 
 def speculative_generate(model: Transformer, prompt: Tensor, max_new_tokens: int, k: Union[int, str], *,

@@ -13,8 +13,9 @@ the others keep their place) and leaves it when it ends, is cancelled or its cli
 Every row has its own sampling settings - temperature, top-k, top-p and seed are tensors of the
 compiled step, written into a row as a request takes it - so requests that sample differently
 share one graph, greedy rows stay exact, and a seeded request's draws come from its own stream
-(common.row_uniform). With --speculate_k auto each row chooses its own k (self_spec.PerRowK), so
-a seeded request's text does not depend on what else shares the batch.
+(common.row_uniform). With --speculate_k auto a seeded sampled request chooses its own k
+(self_spec.PerRowK), so its text does not depend on what else shares the batch; the other rows
+share one choice, priced at what a step on that many rows costs.
 """
 import argparse
 import asyncio
@@ -197,6 +198,7 @@ class Job:
 
     def __init__(self, body: Sampling, prompts: list[list[int]], prompt_texts: list[str], loop, seed: int):
         self.n, self.max_tokens = body.n, body.max_tokens  # None: until the context ends
+        self.seeded = body.seed is not None
         self.temperature, self.top_k, self.top_p = body.temperature, body.top_k, body.top_p
         self.stop = [body.stop] if isinstance(body.stop, str) else [s for s in body.stop or [] if s]
         self.prompt_texts = prompt_texts
@@ -285,7 +287,13 @@ class Engine:
                 seconds += warm_up(model, self.prefill, self.sized_steps[n], n)
             log.info("compiled %d steps for %s rows in %.1f s", len(steps), "/".join(map(str, self.sizes)), seconds)
         model.use_rows(rows)
-        self.policy = PerRowK(measure_step_seconds(model, self.sized_steps[rows], rows), limit) if auto else None
+        self.policy = None
+        if auto:  # what a step at each k costs on each number of rows
+            seconds = {}
+            for n in self.sizes:
+                model.use_rows(n)
+                seconds[n] = measure_step_seconds(model, self.sized_steps[n], n)
+            self.policy = PerRowK(seconds, limit, self.step_rows)
         self.steps = {k: self.counted(k, self.sized(k)) for k in steps}
 
     def counted(self, k: int, step: Callable) -> Callable:
@@ -296,11 +304,15 @@ class Engine:
             return step(*args)
         return step_and_count
 
+    def step_rows(self) -> int:
+        """The fewest leading rows a step may run on that hold every busy row."""
+        return next(size for size in self.sizes if size > max(self.busy, default=0))
+
     def sized(self, k: int) -> Callable:
         """Step k on the fewest leading rows that hold every busy row; the idle rows past them keep
         their token and position, and their output (ignored) is zeros."""
         def step(model, token, pos):
-            n = next(size for size in self.sizes if size > max(self.busy, default=0))
+            n = self.step_rows()
             self.announce((n, k), token[:n], pos[:n])
             model.use_rows(n)
             out, accepted, next_token, next_pos = self.sized_steps[n][k](model, token[:n], pos[:n])
@@ -388,8 +400,8 @@ class Engine:
             self.busy.add(row)
             for name, value in zip(self.settings, taken[index].settings()):
                 self.settings[name][row] = value
-            if self.policy:
-                self.policy.start(row)
+            if self.policy:  # a seeded sampled text chooses its k alone: then its company cannot change it
+                self.policy.start(row, own=taken[index].job.temperature > 0 and taken[index].job.seeded)
             self.metrics.rows_busy.inc()
             self.metrics.prompt_tokens.inc(len(taken[index].prompt))
 

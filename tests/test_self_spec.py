@@ -436,28 +436,37 @@ def test_warm_up_lets_dynamo_compile_as_many_graphs_as_it_asks_for(monkeypatch):
         assert torch._dynamo.config.recompile_limit == 2 * len(AUTO_K) == 12
 
 
-def test_per_row_k_gives_every_row_the_choice_its_own_acceptance_makes():
-    """PerRowK (a server's auto): each row's limit is what an AdaptiveK hearing only that row
-    would choose, the step's k the largest of them; counts reach the rows they belong to, in row
-    order, and a row that ended in the step is left out."""
+def test_per_row_k_gives_seeded_rows_their_own_choice_and_the_others_one():
+    """PerRowK (a server's auto): an `own` row's limit is what an AdaptiveK hearing only that row
+    would choose at the full batch's costs; the other rows share one AdaptiveK, hearing all of
+    them, at the costs of the rows the step runs on; the step's k is the largest. Counts reach the
+    rows they belong to, in row order, and a row that ended in the step is left out."""
     from self_spec import PerRowK
-    seconds = {0: 1.0, 1: 1.1, 2: 1.2, 4: 1.4, 6: 1.6, 8: 1.8}
-    limit = torch.zeros(4, dtype=torch.long)
-    policy, alone = PerRowK(seconds, limit), {1: AdaptiveK(seconds), 3: AdaptiveK(seconds)}
-    policy.start(3)
-    policy.start(1)
-    for _ in range(12):  # row 1's drafts are always right, row 3's never
+    full = {0: 1.0, 1: 1.1, 2: 1.2, 4: 1.4, 6: 1.6, 8: 1.8}
+    one_row = {0: 1.0, 1: 1.05, 2: 1.1, 4: 1.2, 6: 1.3, 8: 1.4}  # drafting is cheaper on one row
+    limit = torch.zeros(5, dtype=torch.long)
+    policy = PerRowK({1: one_row, 8: full}, limit, step_rows=lambda: 1)
+    own, shared = {1: AdaptiveK(full), 3: AdaptiveK(full)}, AdaptiveK(one_row)
+    policy.start(3, own=True)
+    policy.start(1, own=True)
+    policy.start(2, own=False)
+    policy.start(4, own=False)
+    for _ in range(12):  # row 1's drafts are always right, row 3's never; rows 2 and 4: half of them
         k = policy.choose()
-        expected = {row: p.choose() for row, p in alone.items()}
-        assert limit.tolist() == [0, expected[1], 0, expected[3]] and k == max(expected.values())
-        counts = {1: expected[1], 3: 0}
-        policy.observe(k, [counts[1], counts[3]])
-        for row, p in alone.items():
-            p.observe(expected[row], [counts[row]])
+        expected = {row: p.choose() for row, p in own.items()}
+        shared_k = shared.choose()
+        assert limit.tolist() == [0, expected[1], shared_k, expected[3], shared_k]
+        assert k == max(*expected.values(), shared_k)
+        counts = [expected[1], shared_k // 2, 0, shared_k - shared_k // 2]
+        policy.observe(k, counts)
+        own[1].observe(expected[1], [counts[0]])
+        own[3].observe(expected[3], [0])
+        shared.observe(shared_k, [counts[1], counts[3]])
     assert limit[1] >= 4 and limit[3] <= 1  # they went their own ways
     k = policy.choose()
     policy.end(1)  # row 1 ends inside this step: its count goes nowhere
-    policy.observe(k, [0, 0])
-    expected_3 = alone[3].choose()
-    alone[3].observe(expected_3, [0])
-    assert policy.choose() == alone[3].choose() and limit[1] == 0
+    policy.observe(k, [0, 0, 0, 0])
+    expected_3, shared_k = own[3].choose(), shared.choose()
+    own[3].observe(expected_3, [0])
+    shared.observe(shared_k, [0, 0])
+    assert policy.choose() == max(own[3].choose(), shared.choose()) and limit[1] == 0

@@ -221,9 +221,12 @@ def test_bad_input_gets_its_status_and_an_openai_error_and_the_server_goes_on(se
 
 def test_a_stream_closed_after_two_chunks_frees_its_row(server):
     proc, url, client, reference = server
+    # a prompt whose greedy text runs to the end of the context: only the disconnect can end it early
+    prompt = next(p for p in PROMPTS if client.completions.create(model=MODEL, prompt=p, max_tokens=10_000,
+                                                                  temperature=0).choices[0].finish_reason == "length")
     before = metrics(url)
     with httpx.stream("POST", f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
-                      json={"model": MODEL, "prompt": PROMPTS[5], "max_tokens": 10_000, "temperature": 0.8,
+                      json={"model": MODEL, "prompt": prompt, "max_tokens": 10_000, "temperature": 0,
                             "stream": True}) as r:
         data = [line for line, _ in zip((l for l in r.iter_lines() if l.startswith("data: ")), range(2))]
     assert len(data) == 2
@@ -246,10 +249,13 @@ def test_sigterm_ends_streams_with_a_final_chunk_and_exits(checkpoints):
     checkpoint, _ = checkpoints("json")
     proc, url = start_server(checkpoint, "--batch_size", "1", env_key=False)
     lines, first = [], threading.Event()
+    # a prompt whose greedy text runs to the end of the context: only the shutdown can end it early
+    prompt = next(p for p in PROMPTS if httpx.post(f"{url}/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": p, "max_tokens": 10_000, "temperature": 0}).json()["choices"][0]["finish_reason"] == "length")
 
     def read():
         with httpx.stream("POST", f"{url}/v1/completions", timeout=30,
-                          json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 10_000, "temperature": 0.8,
+                          json={"model": MODEL, "prompt": prompt, "max_tokens": 10_000, "temperature": 0,
                                 "stream": True, "stream_options": {"include_usage": True}}) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
