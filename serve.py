@@ -280,20 +280,16 @@ class Engine:
             self.threads = fastest_threads(model, uncompiled[min(uncompiled)], rows)
         elif self.threads:
             torch.set_num_threads(self.threads)
+        compiling, costs = 0.0, {}  # auto: what a step at each k costs on each number of rows
+        for n in self.sizes:
+            model.use_rows(n)
+            if self.compile:
+                compiling += warm_up(model, self.prefill, self.sized_steps[n], n)
+            if auto:
+                costs[n] = measure_step_seconds(model, self.sized_steps[n], n)
         if self.compile:
-            seconds = 0.0
-            for n in self.sizes:
-                model.use_rows(n)
-                seconds += warm_up(model, self.prefill, self.sized_steps[n], n)
-            log.info("compiled %d steps for %s rows in %.1f s", len(steps), "/".join(map(str, self.sizes)), seconds)
-        model.use_rows(rows)
-        self.policy = None
-        if auto:  # what a step at each k costs on each number of rows
-            seconds = {}
-            for n in self.sizes:
-                model.use_rows(n)
-                seconds[n] = measure_step_seconds(model, self.sized_steps[n], n)
-            self.policy = PerRowK(seconds, limit, self.step_rows)
+            log.info("compiled %d steps for %s rows in %.1f s", len(steps), "/".join(map(str, self.sizes)), compiling)
+        self.policy = PerRowK(costs, limit, self.step_rows) if auto else None
         self.steps = {k: self.counted(k, self.sized(k)) for k in steps}
 
     def counted(self, k: int, step: Callable) -> Callable:
@@ -313,9 +309,7 @@ class Engine:
         their token and position, and their output (ignored) is zeros."""
         def step(model, token, pos):
             n = self.step_rows()
-            self.announce((n, k), token[:n], pos[:n])
-            model.use_rows(n)
-            out, accepted, next_token, next_pos = self.sized_steps[n][k](model, token[:n], pos[:n])
+            out, accepted, next_token, next_pos = self.call((n, k), token[:n], pos[:n])
             if n == len(pos):
                 return out, accepted, next_token, next_pos
             idle = len(pos) - n
@@ -324,19 +318,24 @@ class Engine:
         return step
 
     def prefill_rows(self, model, *tensors):
-        """A prefill names its cache rows: every row's caches."""
-        self.announce("prefill", *tensors)
-        model.use_rows(self.batch_size)
-        return self.prefill(model, *tensors)
+        return self.call("prefill", *tensors)
 
     # Tensor parallelism: rank 0 runs the loop and, before each prefill or step, tells the other
     # ranks what it calls with what - the admissions are prefills into rows, with the rows' settings -
     # so that every rank runs the same sharded passes (and collectives) in the same order.
 
-    def announce(self, what, *tensors) -> None:
-        if dist.is_initialized():
+    def call(self, what, *tensors):
+        """A prefill ("prefill": it names its cache rows, so every row's caches) or step k on the
+        first n rows ((n, k)), announced to the other ranks first when this is rank 0."""
+        if dist.is_initialized() and dist.get_rank() == 0:
             tp.broadcast((what, [(t.tolist(), t.dtype) for t in tensors],
                           {name: s.tolist() for name, s in self.row_tensors.items()}))
+        if what == "prefill":
+            self.model.use_rows(self.batch_size)
+            return self.prefill(self.model, *tensors)
+        n, k = what
+        self.model.use_rows(n)
+        return self.sized_steps[n][k](self.model, *tensors)
 
     def follow(self) -> None:
         """A rank other than 0: the calls rank 0 announces, until it says it has stopped."""
@@ -348,14 +347,7 @@ class Engine:
                 continue
             for name, value in values.items():
                 self.row_tensors[name].copy_(torch.tensor(value))
-            tensors = [torch.tensor(value, dtype=dtype, device=self.device) for value, dtype in tensors]
-            if what == "prefill":
-                self.model.use_rows(self.batch_size)
-                self.prefill(self.model, *tensors)
-            else:
-                n, k = what
-                self.model.use_rows(n)
-                self.sized_steps[n][k](self.model, *tensors)
+            self.call(what, *[torch.tensor(value, dtype=dtype, device=self.device) for value, dtype in tensors])
 
     def run(self) -> None:
         with torch.inference_mode():  # thread-local: the settings and caches are made here, on this thread
@@ -398,17 +390,17 @@ class Engine:
         def admit(index: int, row: int) -> None:
             taken[index].row = row
             self.busy.add(row)
+            self.metrics.rows_busy.set(len(self.busy))
             for name, value in zip(self.settings, taken[index].settings()):
                 self.settings[name][row] = value
             if self.policy:  # a seeded sampled text chooses its k alone: then its company cannot change it
                 self.policy.start(row, own=taken[index].job.temperature > 0 and taken[index].job.seeded)
-            self.metrics.rows_busy.inc()
             self.metrics.prompt_tokens.inc(len(taken[index].prompt))
 
         def on_done(result: dict) -> None:
             choice = taken[result["index"]]
-            self.metrics.rows_busy.dec()
             self.busy.discard(choice.row)
+            self.metrics.rows_busy.set(len(self.busy))
             if self.policy:
                 self.policy.end(choice.row)
             drafted = sum(k * n for k, n in result["k_steps"].items())
@@ -426,8 +418,8 @@ class Engine:
                            stop=lambda i, _: taken[i].finish_reason is not None or taken[i].cancelled or self.draining)
         except Exception:
             log.exception("the model loop failed; its requests are answered with an error, the server goes on")
-            self.metrics.rows_busy.set(0)
             self.busy.clear()
+            self.metrics.rows_busy.set(0)
             for choice in taken:
                 if choice.finish_reason is None and not choice.cancelled:
                     choice.finish_reason = "error"
@@ -566,6 +558,7 @@ def make_app(engine: Engine, model_name: str, api_key: Optional[str]):
             return {**head, "object": kind, "choices": choices, "usage": usage()}
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
+        chunk_kind = kind + ".chunk" if chat else kind
 
         def chunk(index: int, text: Optional[str], reason: Optional[str], first: bool = False) -> str:
             if chat:
@@ -574,7 +567,7 @@ def make_app(engine: Engine, model_name: str, api_key: Optional[str]):
             else:
                 choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
             extra = {"usage": None} if include_usage else {}
-            return f"data: {json.dumps({**head, 'object': kind + '.chunk' if chat else kind, 'choices': [choice], **extra})}\n\n"
+            return f"data: {json.dumps({**head, 'object': chunk_kind, 'choices': [choice], **extra})}\n\n"
 
         async def events():
             finished, ok = 0, True
@@ -594,7 +587,7 @@ def make_app(engine: Engine, model_name: str, api_key: Optional[str]):
                         finished += 1
                         yield chunk(event[1], None, event[2])
                 if ok and include_usage:
-                    yield f"data: {json.dumps({**head, 'object': kind + '.chunk' if chat else kind, 'choices': [], 'usage': usage()})}\n\n"
+                    yield f"data: {json.dumps({**head, 'object': chunk_kind, 'choices': [], 'usage': usage()})}\n\n"
                 yield "data: [DONE]\n\n"
                 outcome("ok" if ok else "error")
             except (asyncio.CancelledError, GeneratorExit):  # the client went away
@@ -639,7 +632,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         (args.threads is not None and args.threads < 1, "--threads must be at least 1"),
         (not 0 <= args.port < 65536, f"--port must be between 0 and 65535, got {args.port}"),
         (args.api_key is not None and not args.api_key, "--api_key is empty"),
-        (args.draft_vocab is not None and args.draft_layers is None, "--draft_vocab needs --draft_layers"),
         *draft_vocab_checks(args),
     ]
     for bad, message in checks:
