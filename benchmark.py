@@ -735,7 +735,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         (args.device.startswith("cuda") and not torch.cuda.is_available(), "--device cuda asked for, but no CUDA device is available"),
         (args.output is not None and not args.output.parent.is_dir(), f"--output: no folder {(args.output or Path()).parent}"),
         (args.sweep is not None and not args.sweep_out.parent.is_dir(), f"--sweep_out: no folder {args.sweep_out.parent}"),
-        *draft_vocab_checks(args),
+        *draft_vocab_checks(args, needs_draft_layers=False),  # its default exit layer: n_layer // 4
         (args.synthetic and args.draft_vocab_from is not None, "--draft_vocab_from needs a tokenizer: not with --synthetic"),
         (args.synthetic and (args.draft_vocab or 0) > args.vocab_size, f"--draft_vocab must be at most --vocab_size {args.vocab_size}"),
     ]

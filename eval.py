@@ -418,7 +418,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         (args.num_fewshot is not None and args.num_fewshot < 0, "--num_fewshot must be 0 or more"),
         (args.threads is not None and args.threads < 1, "--threads must be at least 1"),
         (args.compare_ar and args.draft_layers is None, "--compare_ar needs --draft_layers"),
-        (args.draft_vocab is not None and args.draft_layers is None, "--draft_vocab needs --draft_layers"),
         *draft_vocab_checks(args),
         (args.log_samples and args.output is None, "--log_samples needs --output"),
         (args.include_path is not None and not args.include_path.is_dir(), f"--include_path is not a folder: {args.include_path}"),

@@ -155,7 +155,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         ((args.output is not None or args.resume) and args.prompts_file is None, "--output and --resume need --prompts_file"),
         (args.resume and args.output is None, "--resume needs --output"),
         (args.system is not None and not args.chat, "--system needs --chat"),
-        (args.draft_vocab is not None and args.draft_layers is None, "--draft_vocab needs --draft_layers"),
         *draft_vocab_checks(args),
     ]
     for bad, message in checks:

@@ -115,9 +115,11 @@ def add_draft_vocab_flags(parser: argparse.ArgumentParser) -> None:
                              '("prompt"/"text" fields) instead of the tokenizer\'s order; counted once, kept beside the checkpoint')
 
 
-def draft_vocab_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
-    """(wrong, message) for --draft_vocab / --draft_vocab_from on their own."""
+def draft_vocab_checks(args: argparse.Namespace, needs_draft_layers: bool = True) -> list[tuple[bool, str]]:
+    """(wrong, message) for --draft_vocab / --draft_vocab_from on their own, and, where
+    --draft_layers has no default (needs_draft_layers), --draft_vocab without it."""
     return [
+        (needs_draft_layers and args.draft_vocab is not None and args.draft_layers is None, "--draft_vocab needs --draft_layers"),
         (args.draft_vocab_from is not None and args.draft_vocab is None, "--draft_vocab_from needs --draft_vocab"),
         (args.draft_vocab is not None and args.draft_vocab < 1, f"--draft_vocab must be at least 1, got {args.draft_vocab}"),
         (args.draft_vocab_from is not None and not args.draft_vocab_from.is_file(),
