@@ -7,6 +7,7 @@ attention, a byte-level BPE tokenizer.json, two EOS ids in generation_config.jso
 chat template). Each is saved as safetensors (llama32 sharded, with an index) or as a .bin.
 """
 import json
+import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -98,6 +99,13 @@ def checkpoints(tmp_path_factory):
         return made[style, fmt]
 
     return get
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 free now (for a server or a process group the test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def stand_in_model(context: int, device: str = "cpu") -> SimpleNamespace:

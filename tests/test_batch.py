@@ -129,6 +129,26 @@ def tv(a: torch.Tensor, b: torch.Tensor) -> float:
     return 0.5 * (a - b).abs().sum().item()
 
 
+def resolution(checks: int) -> dict[int, float]:
+    """The TV eps a check of m cells (a token: VOCAB, a pair: VOCAB ** 2) over ROWS samples
+    detects, by Bretagnolle-Huber-Carol, with a false-alarm budget of 1e-3 over `checks` checks."""
+    delta = 1e-3 / checks
+    return {m: math.sqrt((m * math.log(2) + math.log(1 / delta)) / (2 * ROWS)) for m in (VOCAB, VOCAB ** 2)}
+
+
+def far_from_exact(results: list[dict], exact: list[tuple], depth: int, eps: dict[int, float]) -> list[str]:
+    """The tokens and pairs of each prompt (rows alternate between PROMPTS) whose sampled
+    distribution is not within eps of exact (exact_distributions per prompt)."""
+    off = []
+    for p, (exact_marginals, exact_pairs) in enumerate(exact):
+        marginals, pairs = empirical([r["generated_tokens"] for r in results[p::2]], depth)
+        off += [f"prompt {p} token {i}: {tv(a, b):.3f}" for i, (a, b) in enumerate(zip(marginals, exact_marginals))
+                if tv(a, b) >= eps[VOCAB]]
+        off += [f"prompt {p} tokens {i}, {i + 1}: {tv(a, b):.3f}" for i, (a, b) in enumerate(zip(pairs, exact_pairs))
+                if tv(a, b) >= eps[VOCAB ** 2]]
+    return off
+
+
 class Cycle:
     """A policy that switches k at every step, autoregressive steps included."""
 
@@ -163,9 +183,7 @@ def test_batched_sampling_has_the_full_model_distribution_over_several_steps():
     model.setup_caches(ROWS, 16, EXIT)
     auto_costs = measure_step_seconds(model, speculative_steps(AUTO_K, TEMPERATURE, TOP_K), ROWS, repeats=1)
     cases["auto"] = (AUTO_K, AdaptiveK(auto_costs), 6)
-    checks = 2 * sum(2 * depth - 1 for _, _, depth in cases.values()) + 2 * (2 * 3 - 1)
-    delta = 1e-3 / checks
-    eps = {m: math.sqrt((m * math.log(2) + math.log(1 / delta)) / (2 * ROWS)) for m in (VOCAB, VOCAB ** 2)}
+    eps = resolution(2 * sum(2 * depth - 1 for _, _, depth in cases.values()) + 2 * (2 * 3 - 1))
     assert eps[VOCAB] < 0.03 and eps[VOCAB ** 2] < 0.05  # the resolution the docstring states
 
     def far_off(ks, policy, depth: int, early_exit: bool = False) -> list[str]:
@@ -173,15 +191,7 @@ def test_batched_sampling_has_the_full_model_distribution_over_several_steps():
         torch.manual_seed(depth)
         _, results = run_batch(model, PROMPTS * ROWS, depth, batch_size=ROWS, exit_layer=EXIT, ks=ks, policy=policy,
                                temperature=TEMPERATURE, top_k=TOP_K, early_exit=early_exit)
-        off = []
-        for p, prompt in enumerate(PROMPTS):
-            exact_marginals, exact_pairs = exact_distributions(model, prompt, depth)
-            marginals, pairs = empirical([r["generated_tokens"] for r in results[p::2]], depth)
-            off += [f"prompt {p} token {i}: {tv(a, b):.3f}" for i, (a, b) in enumerate(zip(marginals, exact_marginals))
-                    if tv(a, b) >= eps[VOCAB]]
-            off += [f"prompt {p} tokens {i}, {i + 1}: {tv(a, b):.3f}" for i, (a, b) in enumerate(zip(pairs, exact_pairs))
-                    if tv(a, b) >= eps[VOCAB ** 2]]
-        return off
+        return far_from_exact(results, [exact_distributions(model, prompt, depth) for prompt in PROMPTS], depth, eps)
 
     for name, (ks, policy, depth) in cases.items():
         assert far_off(ks, policy, depth) == [], name
@@ -201,8 +211,7 @@ def test_per_row_settings_and_seeded_streams_keep_the_full_model_distribution(la
     (on the second model) when the token after a rejection reuses the draws of the token before."""
     model = damped_model(late_scale)
     depth = 6
-    delta = 1e-3 / (4 * (2 * depth - 1))
-    eps = {m: math.sqrt((m * math.log(2) + math.log(1 / delta)) / (2 * ROWS)) for m in (VOCAB, VOCAB ** 2)}
+    eps = resolution(4 * (2 * depth - 1))
     assert eps[VOCAB] < 0.03 and eps[VOCAB ** 2] < 0.05
     exact = [exact_distributions(model, prompt, depth) for prompt in PROMPTS]
 
@@ -228,14 +237,7 @@ def test_per_row_settings_and_seeded_streams_keep_the_full_model_distribution(la
                                      steps=speculative_steps((0, 1, 3), **settings, limit=limit),
                                      stop_ids=frozenset(), batch_size=ROWS, policy=CycleWithLimits(limit),
                                      admit=lambda index, row: settings["seed"].__setitem__(row, seed_of(index)))
-        off = []
-        for p, (exact_marginals, exact_pairs) in enumerate(exact):
-            marginals, pairs = empirical([r["generated_tokens"] for r in results[p::2]], depth)
-            off += [f"prompt {p} token {i}: {tv(a, b):.3f}" for i, (a, b) in enumerate(zip(marginals, exact_marginals))
-                    if tv(a, b) >= eps[VOCAB]]
-            off += [f"prompt {p} tokens {i}, {i + 1}: {tv(a, b):.3f}" for i, (a, b) in enumerate(zip(pairs, exact_pairs))
-                    if tv(a, b) >= eps[VOCAB ** 2]]
-        return off
+        return far_from_exact(results, exact, depth, eps)
 
     assert far_off(lambda index: 1_000_003 * index + 17) == []
     assert far_off(lambda index: 5)

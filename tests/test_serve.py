@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 import httpx
 from openai import APIStatusError, OpenAI
@@ -27,12 +26,6 @@ SERVER = ["--draft_layers", "2", "--speculate_k", "auto", "--batch_size", "4", "
 PROMPTS = ["The quick brown fox", "def greedy(logits):", "Reading the weights", "In the morning the train",
            "class KVCache:", "Numbers like 3, 14", "She said that the", "The cache stores the keys"]
 MAX_TOKENS = 24
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(checkpoint, *flags, env_key: bool = True, launcher: tuple = (sys.executable,)):

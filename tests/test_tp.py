@@ -3,7 +3,6 @@
 graph each, and refuse a model that does not split with one line and no hang."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,17 +13,11 @@ import torch.multiprocessing as mp
 import quantize
 import tp
 from common import save_checkpoint
-from conftest import ROOT
+from conftest import ROOT, free_port
 from model import ModelArgs, Transformer, load_model
 from test_self_spec import greedy
 
 PROMPT = [1, 40, 41, 42, 43, 44, 45]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def outputs(model: Transformer) -> dict:
