@@ -1,15 +1,18 @@
 // CPU linear-layer kernels for weight-streaming decoding (see cpu_kernels.py, which builds this file
-// at first use). One op, layerskip::linear, compiled for AVX-512 and for AVX2 and chosen at run time.
+// at first use). One op, layerskip::linear, compiled for AVX-512 (with and without VNNI) and for AVX2
+// and chosen at run time.
 //
-// The kernels are written once, in the second half of this file, which the first half includes twice
-// (#include __FILE__), each time inside its own namespace and `#pragma GCC target`, with LANES 16
-// (AVX-512) and 8 (AVX2). One file, so that the build's hash of its sources sees every change.
+// The kernels are written once, in the second half of this file, which the first half includes three
+// times (#include __FILE__), each time inside its own namespace and `#pragma GCC target`, with LANES 16
+// (AVX-512) or 8 (AVX2) and VNNI 1 or 0 (the VNNI build holds only the int4 kernel). One file, so that
+// the build's hash of its sources sees every change.
 //
 // y[m, n] = sum_k x[m, k] * W[n, k] for float32 x, with W float32, bfloat16, int8 (times a scale
-// per output channel) or int4 (q * scale + shifted zero per group of input columns). Each tile of
-// CHANNELS weight rows is read from memory once and applied to every row of x while it sits in the
-// cache. Every (row, channel) pair accumulates its products in one vector register in the same order
-// whatever the tile it falls in, so a row's result does not depend on how many rows come with it.
+// per output channel) or int4 (q * scale + shifted zero per group of input columns, against x
+// quantized to 8 bits). Each tile of CHANNELS weight rows is read from memory once and applied to
+// every row of x while it sits in the cache. Every (row, channel) pair accumulates its products in
+// one vector register in the same order whatever the tile it falls in, so a row's result does not
+// depend on how many rows come with it.
 #ifndef LANES
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -17,31 +20,48 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 namespace avx512 {
 #define LANES 16
+#define VNNI 0
 #include __FILE__
+#undef VNNI
 #undef LANES
 }  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
+namespace avx512_vnni {  // only the int4 kernel: the others have no use for VNNI
+#define LANES 16
+#define VNNI 1
+#include __FILE__
+#undef VNNI
+#undef LANES
+}  // namespace avx512_vnni
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 #define LANES 8
+#define VNNI 0
 #include __FILE__
+#undef VNNI
 #undef LANES
 }  // namespace avx2
 #pragma GCC pop_options
 
-// 2: AVX-512 (F, BW, VL, DQ), 1: AVX2 with FMA, 0: neither (the caller keeps PyTorch's kernels).
+// 3: AVX-512 (F, BW, VL, DQ) with VNNI, 2: without, 1: AVX2 with FMA, 0: none of them (the caller
+// keeps PyTorch's kernels).
 int64_t supported_isa() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-        return 2;
+        return __builtin_cpu_supports("avx512vnni") ? 3 : 2;
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
 }
 
@@ -66,16 +86,39 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     }
     at::Tensor y = at::empty({x.size(0), N}, x.options());
     at::Tensor s = scales ? scales->contiguous() : at::Tensor();
-    if (isa == 2) avx512::run(x, weight, s, group, y);
+    if (isa == 3 && kind == at::kByte) avx512_vnni::run_int4(x, weight, s, group, y);
+    else if (isa >= 2) avx512::run(x, weight, s, group, y);
     else avx2::run(x, weight, s, group, y);
     return y;
 }
 
-TORCH_LIBRARY(layerskip, m) {
-    m.def("linear(Tensor x, Tensor weight, Tensor? scales, int group, int isa) -> Tensor");
+// q (B, H, T, D) of queries at positions input_pos (B, T), each over its row's entries 0..position of
+// the caches k, v (B, KVH, L, D), H a multiple of KVH; float32 or bfloat16, contiguous. Returns (B, H, T, D).
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& input_pos,
+                     int64_t isa) {
+    TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.is_contiguous() && k.is_contiguous() && v.is_contiguous() &&
+                k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0,
+                "attention: q (B, H, T, D), k and v (B, KVH, L, D), contiguous");
+    TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
+                (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16), "attention: float32 or bfloat16");
+    TORCH_CHECK(input_pos.scalar_type() == at::kLong && input_pos.is_contiguous() &&
+                input_pos.numel() == q.size(0) * q.size(2), "attention: input_pos (B, T) int64");
+    TORCH_CHECK(isa >= 1 && isa <= supported_isa(), "instruction set ", isa, " is not available on this CPU");
+    at::Tensor out = at::empty_like(q);
+    if (isa >= 2) avx512::run_attention(q, k, v, input_pos, out);
+    else avx2::run_attention(q, k, v, input_pos, out);
+    return out;
 }
 
-TORCH_LIBRARY_IMPL(layerskip, CPU, m) { m.impl("linear", &linear); }
+TORCH_LIBRARY(layerskip, m) {
+    m.def("linear(Tensor x, Tensor weight, Tensor? scales, int group, int isa) -> Tensor");
+    m.def("attention(Tensor q, Tensor k, Tensor v, Tensor input_pos, int isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(layerskip, CPU, m) {
+    m.impl("linear", &linear);
+    m.impl("attention", &attention);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("supported_isa", &supported_isa); }
 
@@ -86,6 +129,7 @@ typedef __m512 vec;
 static inline vec vzero() { return _mm512_setzero_ps(); }
 static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline vec vset1(float a) { return _mm512_set1_ps(a); }
+static inline void vstore(float* p, vec a) { _mm512_storeu_ps(p, a); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vec vload_bf16(const uint16_t* p) {
     __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -102,11 +146,32 @@ static inline float vsum(vec a) {
     return _mm_cvtss_f32(q);
 }
 constexpr int ROWS = 4;  // 16 accumulators + 4 weight vectors + 1 input vector of 32 registers
+
+typedef __m512i ivec;
+static inline ivec iload(const void* p) { return _mm512_loadu_si512(p); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vcvt(ivec a) { return _mm512_cvtepi32_ps(a); }
+static inline ivec nibbles(ivec bytes, int shift) { return _mm512_and_si512(_mm512_srli_epi16(bytes, shift), _mm512_set1_epi8(15)); }
+static inline ivec load_bytes(const uint8_t* p, int64_t n) {  // n of the 4 * LANES bytes, the others 0
+    return _mm512_maskz_loadu_epi8(n >= 64 ? ~0ULL : (1ULL << n) - 1, p);
+}
+static inline vec load_floats(const float* p, int n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p); }
+static inline vec lookup(ivec index, vec table) { return _mm512_permutexvar_ps(index, table); }
+static inline ivec lane_index(const int* p) { return _mm512_loadu_si512(p); }
+// Lane j: the sum of the 4 products of bytes 4j..4j+3 of u (unsigned) and s (signed), for both pairs.
+static inline ivec dot4(ivec u, ivec s, ivec u2, ivec s2) {
+#if VNNI
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s), u2, s2);
+#else  // pairs of products as int16 (at most 4 x 15 x 127: no overflow), then pairs of pairs
+    return _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(u, s), _mm512_maddubs_epi16(u2, s2)), _mm512_set1_epi16(1));
+#endif
+}
 #else
 typedef __m256 vec;
 static inline vec vzero() { return _mm256_setzero_ps(); }
 static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline vec vset1(float a) { return _mm256_set1_ps(a); }
+static inline void vstore(float* p, vec a) { _mm256_storeu_ps(p, a); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vec vload_bf16(const uint16_t* p) {
     __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -122,100 +187,54 @@ static inline float vsum(vec a) {
     return _mm_cvtss_f32(q);
 }
 constexpr int ROWS = 2;  // 8 accumulators + 4 weight vectors + 1 input vector of 16 registers
+
+typedef __m256i ivec;
+static inline ivec iload(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vcvt(ivec a) { return _mm256_cvtepi32_ps(a); }
+static inline ivec nibbles(ivec bytes, int shift) { return _mm256_and_si256(_mm256_srli_epi16(bytes, shift), _mm256_set1_epi8(15)); }
+static inline ivec load_bytes(const uint8_t* p, int64_t n) {  // n of the 4 * LANES bytes, the others 0
+    if (n >= 32) return iload(p);
+    alignas(32) uint8_t part[32] = {};
+    std::memcpy(part, p, n);
+    return iload(part);
+}
+static inline vec load_floats(const float* p, int n) {
+    const __m256i lanes = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes));
+}
+static inline vec lookup(ivec index, vec table) { return _mm256_permutevar8x32_ps(table, index); }
+static inline ivec lane_index(const int* p) { return iload(p); }
+static inline ivec dot4(ivec u, ivec s, ivec u2, ivec s2) {  // as on AVX-512 without VNNI
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u, s), _mm256_maddubs_epi16(u2, s2)), _mm256_set1_epi16(1));
+}
 #endif
 constexpr int CHANNELS = 4;
+constexpr int64_t ROW_BLOCK = 64;  // rows whose partial sums a thread keeps at once
 
-// Each kind of weight: load(n, k, scale, out) gives `vectors` x LANES weights of channel n from
-// column k as floats, with scale = group_scale(n, k) for the group of columns that holds k (int4's
-// groups; the other kinds have one group, the whole row), at(n, k) one weight (the columns past the
-// last full vector) and finish(n, sum) the channel's result.
-struct NoScale {};
-
+#if !VNNI
+// Each kind of weight: load(n, k) gives LANES weights of channel n from column k as floats, at(n, k)
+// one weight (the columns past the last full vector) and finish(n, sum) the channel's result.
 struct Float32Weight {
     const float* w; int64_t K;
-    int64_t group_size() const { return K; }
-    NoScale group_scale(int64_t, int64_t) const { return {}; }
-    static constexpr int vectors = 1;
-    void load(int64_t n, int64_t k, NoScale, vec* out) const { out[0] = vload(w + n * K + k); }
+    vec load(int64_t n, int64_t k) const { return vload(w + n * K + k); }
     float at(int64_t n, int64_t k) const { return w[n * K + k]; }
     float finish(int64_t, float s) const { return s; }
 };
 
 struct BFloat16Weight {
     const uint16_t* w; int64_t K;
-    int64_t group_size() const { return K; }
-    NoScale group_scale(int64_t, int64_t) const { return {}; }
-    static constexpr int vectors = 1;
-    void load(int64_t n, int64_t k, NoScale, vec* out) const { out[0] = vload_bf16(w + n * K + k); }
+    vec load(int64_t n, int64_t k) const { return vload_bf16(w + n * K + k); }
     float at(int64_t n, int64_t k) const { uint32_t b = uint32_t(w[n * K + k]) << 16; float f; std::memcpy(&f, &b, 4); return f; }
     float finish(int64_t, float s) const { return s; }
 };
 
 struct Int8Weight {  // W = codes * scales[n]: the scale is applied once, to the sum
     const int8_t* w; const float* scales; int64_t K;
-    int64_t group_size() const { return K; }
-    NoScale group_scale(int64_t, int64_t) const { return {}; }
-    static constexpr int vectors = 1;
-    void load(int64_t n, int64_t k, NoScale, vec* out) const { out[0] = vload_i8(w + n * K + k); }
+    vec load(int64_t n, int64_t k) const { return vload_i8(w + n * K + k); }
     float at(int64_t n, int64_t k) const { return w[n * K + k]; }
     float finish(int64_t n, float s) const { return s * scales[n]; }
 };
-
-#if LANES == 16
-// int4 on AVX-512: the 16 values a group's codes stand for, q * scale + shifted zero, sit in one
-// register and a permute looks each code up (no conversion, no arithmetic per weight). Unpacked as
-// they come, a block of 32 columns gives its even columns (the high nibbles) and then its odd ones:
-// x is put in that order first (int4_order).
-struct Int4Scale { vec table; };
-
-struct Int4Weight {  // scales (N, K / group, 2): scale, shifted zero
-    const uint8_t* w; const float* scales; int64_t K, group, groups, group_shift;
-    int64_t group_size() const { return group; }
-    Int4Scale group_scale(int64_t n, int64_t k) const {
-        const float* s = scales + (n * groups + (k >> group_shift)) * 2;  // no division: it would cost more than the group
-        const vec codes = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-        return {vfma(codes, vset1(s[0]), vset1(s[1]))};
-    }
-    static constexpr int vectors = 2;  // 32 columns: 16 bytes
-    void load(int64_t n, int64_t k, Int4Scale s, vec* out) const {
-        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n * K + k) / 2)));
-        out[0] = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), s.table);  // the low 4 bits index
-        out[1] = _mm512_permutexvar_ps(bytes, s.table);
-    }
-    float at(int64_t, int64_t) const { return 0.f; }  // K is a multiple of the group, itself of 32
-    float finish(int64_t, float s) const { return s; }
-};
-
-static at::Tensor int4_order(const at::Tensor& x) {
-    return x.view({x.size(0), -1, 16, 2}).transpose(2, 3).contiguous().view({x.size(0), -1});
-}
-#else
-// 8 columns of int4 codes, two a byte with the even column in the high nibble, as float q.
-static inline vec vload_u4(const uint8_t* p) {
-    int32_t four_bytes;
-    std::memcpy(&four_bytes, p, 4);
-    __m128i b = _mm_cvtsi32_si128(four_bytes), low4 = _mm_set1_epi8(15);
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4), lo = _mm_and_si128(b, low4);
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)));
-}
-
-struct Int4Scale { vec scale, zero; };
-
-struct Int4Weight {  // W = q * scale + shifted_zero, both per (channel, group): (N, K / group, 2)
-    const uint8_t* w; const float* scales; int64_t K, group, groups, group_shift;
-    int64_t group_size() const { return group; }
-    Int4Scale group_scale(int64_t n, int64_t k) const {
-        const float* s = scales + (n * groups + (k >> group_shift)) * 2;  // no division: it would cost more than the group
-        return {vset1(s[0]), vset1(s[1])};
-    }
-    static constexpr int vectors = 1;
-    void load(int64_t n, int64_t k, Int4Scale s, vec* out) const { out[0] = vfma(vload_u4(w + (n * K + k) / 2), s.scale, s.zero); }
-    float at(int64_t, int64_t) const { return 0.f; }  // K is a multiple of the group, itself of LANES
-    float finish(int64_t, float s) const { return s; }
-};
-
-static const at::Tensor& int4_order(const at::Tensor& x) { return x; }  // vload_u4 keeps the columns' order
-#endif
 
 // Columns [k0, k1) of R rows x C channels, added to the vector sums acc[r][c] (kept in memory between
 // blocks of columns: the order of the additions is the same as in one sweep).
@@ -225,25 +244,15 @@ static inline void tile(const Weight& wt, const float* x, int64_t K, int64_t k0,
     vec acc[R][C];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = sums[r][c];
-    const int64_t span = std::min(wt.group_size(), k1 - k0);  // int4: blocks hold whole groups
-    for (int64_t g = k0; g < k1; g += span) {
-        decltype(wt.group_scale(0, 0)) scale[C];
+    for (int64_t k = k0; k < k1; k += LANES) {
+        vec w[C];
 #pragma GCC unroll 4
-        for (int c = 0; c < C; c++) scale[c] = wt.group_scale(n0 + c, g);
-        const int64_t end = std::min(k1, g + span);
-        constexpr int V = Weight::vectors;
-        for (int64_t k = g; k < end; k += V * LANES) {
-            vec w[C][V];
+        for (int c = 0; c < C; c++) w[c] = wt.load(n0 + c, k);
 #pragma GCC unroll 4
-            for (int c = 0; c < C; c++) wt.load(n0 + c, k, scale[c], w[c]);
+        for (int r = 0; r < R; r++) {
+            vec xv = vload(x + r * K + k);
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++)
-#pragma GCC unroll 2
-                for (int v = 0; v < V; v++) {
-                    vec xv = vload(x + r * K + k + v * LANES);
-#pragma GCC unroll 4
-                    for (int c = 0; c < C; c++) acc[r][c] = vfma(xv, w[c][v], acc[r][c]);
-                }
+            for (int c = 0; c < C; c++) acc[r][c] = vfma(xv, w[c], acc[r][c]);
         }
     }
     for (int r = 0; r < R; r++)
@@ -263,8 +272,8 @@ static inline void tile_channels(const Weight& wt, const float* x, int64_t K, in
 
 // Blocks of 64 rows and of 256 columns: a block of CHANNELS weight rows (4 KB in float32) and the
 // rows' columns (64 KB at most, 8 KB for 8 rows) stay in the L1 / L2 cache while every row tile
-// passes over them; 256 is a multiple of every int4 group size.
-constexpr int64_t ROW_BLOCK = 64, COLUMN_BLOCK = 256;
+// passes over them.
+constexpr int64_t COLUMN_BLOCK = 256;
 
 template <class Weight>
 static void linear(const Weight& wt, const float* x, int64_t M, int64_t K, int64_t N, float* y) {
@@ -302,6 +311,124 @@ static void linear(const Weight& wt, const float* x, int64_t M, int64_t K, int64
     });
 }
 
+#endif  // !VNNI
+
+// int4 weights against 8-bit activations, with integer dot products as llama.cpp computes them: each
+// row of x is quantized once per product, in blocks of 32 columns with a scale each (d = max |x| /
+// 127, q = round(x / d)), and a group of columns adds scale * d * sum(code * q) + shifted zero *
+// sum(x). The integer sums are exact and each (row, channel) adds its floats in one order, so a
+// row's result still does not depend on the rows beside it.
+//
+// A chunk of CHUNK = 8 * LANES columns of one channel is 4 * LANES bytes of codes: their high
+// nibbles are the chunk's even columns, their low nibbles its odd ones. Lane j of a dot product sums
+// 4 bytes of each, columns 8j to 8j + 7 of the chunk, which lie in one block of 32 and in one group.
+// The activations are laid out to match: per row and chunk, the codes of its even columns, then of
+// its odd ones, and per lane its block's d and the sum of its 8 columns of x.
+constexpr int64_t CHUNK = 8 * LANES;
+
+struct Int4Product {
+    const uint8_t* w; const float* scales; int64_t K, groups, group_shift, chunks;
+    const int8_t* q; const float* d; const float* xsum;  // the activations
+    int lane_scale[LANES], lane_zero[LANES];             // lane j's scale and zero among the chunk's (scale, zero) pairs
+};
+
+static void quantize_activations(const float* x, int64_t M, int64_t K, int64_t chunks, int8_t* q, float* d, float* xsum) {
+    at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; r++)
+            for (int64_t c = 0; c < chunks; c++) {
+                int8_t* qc = q + (r * chunks + c) * CHUNK;
+                float* dc = d + (r * chunks + c) * LANES;
+                float* sc = xsum + (r * chunks + c) * LANES;
+                for (int64_t b = 0; b < CHUNK; b += 32) {  // columns past K count as 0
+                    float v[32], amax = 0.f;
+                    for (int i = 0; i < 32; i++) {
+                        const int64_t k = c * CHUNK + b + i;
+                        v[i] = k < K ? x[r * K + k] : 0.f;
+                        amax = std::max(amax, std::fabs(v[i]));
+                    }
+                    const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+                    for (int64_t i = 0; i < 32; i++)
+                        qc[((b + i) & 1) * (CHUNK / 2) + (b + i) / 2] = int8_t(std::nearbyint(v[i] * inverse));
+                    for (int j = 0; j < 4; j++) {
+                        float sum = 0.f;
+                        for (int i = 0; i < 8; i++) sum += v[8 * j + i];
+                        dc[b / 8 + j] = amax / 127.f;
+                        sc[b / 8 + j] = sum;
+                    }
+                }
+            }
+    });
+}
+
+// Every chunk of C channels from n0, against rows [m0, m0 + rows): each chunk's codes are unpacked
+// once for all the rows.
+template <int C>
+static inline void int4_channels(const Int4Product& p, int64_t n0, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) {
+    const ivec scale_index = lane_index(p.lane_scale), zero_index = lane_index(p.lane_zero);
+    for (int64_t c = 0; c < p.chunks; c++) {
+        const int64_t k = c * CHUNK, columns = std::min(CHUNK, p.K - k);
+        const int pairs = int(std::max<int64_t>(1, columns >> p.group_shift));  // groups in the chunk
+        ivec high[C], low[C];
+        vec scale[C], zero[C];
+        for (int i = 0; i < C; i++) {
+            const ivec bytes = load_bytes(p.w + ((n0 + i) * p.K + k) / 2, columns / 2);
+            high[i] = nibbles(bytes, 4);
+            low[i] = nibbles(bytes, 0);
+            const vec table = load_floats(p.scales + ((n0 + i) * p.groups + (k >> p.group_shift)) * 2, 2 * pairs);
+            scale[i] = lookup(scale_index, table);  // lanes past K: 0, as their activations
+            zero[i] = lookup(zero_index, table);
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t at = (m0 + r) * p.chunks + c;
+            const ivec even = iload(p.q + at * CHUNK), odd = iload(p.q + at * CHUNK + CHUNK / 2);
+            const vec d = vload(p.d + at * LANES), xsum = vload(p.xsum + at * LANES);
+#pragma GCC unroll 4
+            for (int i = 0; i < C; i++) {
+                const vec products = vmul(vcvt(dot4(high[i], even, low[i], odd)), d);
+                sums[r][i] = vfma(products, scale[i], vfma(zero[i], xsum, sums[r][i]));
+            }
+        }
+    }
+}
+
+// x (M, K) float32, codes (N, K / 2) uint8, scales (N, K / group, 2) float32 of (scale, shifted zero).
+static void run_int4(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group, at::Tensor& y) {
+    const int64_t M = x.size(0), K = x.size(1), N = y.size(1), chunks = (K + CHUNK - 1) / CHUNK;
+    at::Tensor q = at::empty({M * chunks * CHUNK}, x.options().dtype(at::kChar));
+    at::Tensor d = at::empty({2, M * chunks * LANES}, x.options());
+    Int4Product p{weight.data_ptr<uint8_t>(), scales.data_ptr<float>(), K, K / group, __builtin_ctzll(group), chunks,
+                  q.data_ptr<int8_t>(), d.data_ptr<float>(), d.data_ptr<float>() + M * chunks * LANES, {}, {}};
+    for (int j = 0; j < LANES; j++) {
+        const int pair = group <= CHUNK ? (8 * j) >> p.group_shift : 0;
+        p.lane_scale[j] = 2 * pair;
+        p.lane_zero[j] = 2 * pair + 1;
+    }
+    quantize_activations(x.data_ptr<float>(), M, K, chunks, q.data_ptr<int8_t>(), d.data_ptr<float>(),
+                         d.data_ptr<float>() + M * chunks * LANES);
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, (N + CHANNELS - 1) / CHANNELS, 1, [&](int64_t begin, int64_t end) {
+        vec sums[ROW_BLOCK][CHANNELS];
+        for (int64_t t = begin; t < end; t++) {
+            const int64_t n0 = t * CHANNELS;
+            const int channels = int(std::min<int64_t>(CHANNELS, N - n0));
+            for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
+                const int64_t rows = std::min(ROW_BLOCK, M - m0);
+                for (int64_t r = 0; r < rows; r++)
+                    for (int c = 0; c < CHANNELS; c++) sums[r][c] = vzero();
+                switch (channels) {
+                    case 4: int4_channels<4>(p, n0, m0, rows, sums); break;
+                    case 3: int4_channels<3>(p, n0, m0, rows, sums); break;
+                    case 2: int4_channels<2>(p, n0, m0, rows, sums); break;
+                    default: int4_channels<1>(p, n0, m0, rows, sums); break;
+                }
+                for (int64_t r = 0; r < rows; r++)
+                    for (int c = 0; c < channels; c++) yp[(m0 + r) * N + n0 + c] = vsum(sums[r][c]);
+            }
+        }
+    });
+}
+
+#if !VNNI
 static void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group, at::Tensor& y) {
     const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
     const float* xp = x.data_ptr<float>();
@@ -310,12 +437,67 @@ static void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
         case at::kFloat: linear(Float32Weight{weight.data_ptr<float>(), K}, xp, M, K, N, yp); break;
         case at::kBFloat16: linear(BFloat16Weight{reinterpret_cast<const uint16_t*>(weight.data_ptr()), K}, xp, M, K, N, yp); break;
         case at::kChar: linear(Int8Weight{weight.data_ptr<int8_t>(), scales.data_ptr<float>(), K}, xp, M, K, N, yp); break;
-        default: {
-            const at::Tensor ordered = int4_order(x);
-            const Int4Weight wt{weight.data_ptr<uint8_t>(), scales.data_ptr<float>(), K, group, K / group, __builtin_ctzll(group)};
-            linear(wt, ordered.data_ptr<float>(), M, K, N, yp);
-        }
+        default: run_int4(x, weight, scales, group, y);
     }
 }
+
+// Attention for decoding, one query at a time: its scores over its row's cache entries 0..position
+// (only the filled part is read), a softmax and the sum of the values, each in one fixed order. What
+// a query gets does not depend on how many queries, rows or cache entries come with it, so a verify
+// pass over k + 1 positions, a batch and a longer cache give it what a lone query gets (PyTorch's
+// attention blocks its sums by all three).
+static inline vec load_as_float(const float* p) { return vload(p); }
+static inline vec load_as_float(const c10::BFloat16* p) { return vload_bf16(reinterpret_cast<const uint16_t*>(p)); }
+
+template <class T>
+static void attention(const T* q, const T* k, const T* v, const int64_t* input_pos, T* out,
+                      int64_t B, int64_t H, int64_t Q, int64_t D, int64_t KVH, int64_t L) {
+    const float scale = 1.f / std::sqrt(float(D));
+    const int64_t full = D - D % LANES;
+    at::parallel_for(0, B * H * Q, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> weights(L), sums(D);
+        for (int64_t i = begin; i < end; i++) {  // i = (b * H + h) * Q + t
+            const int64_t b = i / (H * Q), h = i / Q % H;
+            const int64_t last = std::min(input_pos[b * Q + i % Q], L - 1);
+            const T* qi = q + i * D;
+            const T* keys = k + (b * KVH + h / (H / KVH)) * L * D;
+            const T* values = v + (b * KVH + h / (H / KVH)) * L * D;
+            float most = -INFINITY;
+            for (int64_t j = 0; j <= last; j++) {
+                vec acc = vzero();
+                for (int64_t d = 0; d < full; d += LANES) acc = vfma(load_as_float(qi + d), load_as_float(keys + j * D + d), acc);
+                float score = vsum(acc);
+                for (int64_t d = full; d < D; d++) score = std::fma(float(qi[d]), float(keys[j * D + d]), score);
+                weights[j] = score * scale;
+                most = std::max(most, weights[j]);
+            }
+            float total = 0.f;
+            for (int64_t j = 0; j <= last; j++) {
+                weights[j] = std::exp(weights[j] - most);
+                total += weights[j];
+            }
+            std::fill(sums.begin(), sums.end(), 0.f);
+            for (int64_t j = 0; j <= last; j++) {
+                const vec w = vset1(weights[j]);
+                for (int64_t d = 0; d < full; d += LANES)
+                    vstore(sums.data() + d, vfma(w, load_as_float(values + j * D + d), vload(sums.data() + d)));
+                for (int64_t d = full; d < D; d++) sums[d] = std::fma(weights[j], float(values[j * D + d]), sums[d]);
+            }
+            for (int64_t d = 0; d < D; d++) out[i * D + d] = T(sums[d] / total);
+        }
+    });
+}
+
+static void run_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& input_pos,
+                          at::Tensor& out) {
+    const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3), KVH = k.size(1), L = k.size(2);
+    if (q.scalar_type() == at::kFloat)
+        attention(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), input_pos.data_ptr<int64_t>(),
+                  out.data_ptr<float>(), B, H, Q, D, KVH, L);
+    else
+        attention(q.data_ptr<c10::BFloat16>(), k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(),
+                  input_pos.data_ptr<int64_t>(), out.data_ptr<c10::BFloat16>(), B, H, Q, D, KVH, L);
+}
+#endif  // !VNNI
 
 #endif  // LANES

@@ -1,14 +1,23 @@
-"""The engine's own CPU linear-layer kernels (cpu_kernels.cpp), built at first use.
+"""The engine's own CPU kernels (cpu_kernels.cpp), built at first use.
 
     python cpu_kernels.py   # GB/s of weight bytes of one 8192 x 2048 layer, these kernels and PyTorch's
 
-One op, torch.ops.layerskip.linear, for float32, bfloat16, int8 (a scale per output channel) and
-int4 (a scale and a zero per group) weights and float32 activations: each block of weight rows is
-read from memory once and applied to every row of the input, so a pass over k + 1 or B rows costs
-about what one row costs until the arithmetic catches up with the memory. Compiled for AVX-512 and
-for AVX2 and chosen at run time; where it cannot be built (no compiler, no ninja) the layers keep
-PyTorch's kernels and one line on stderr says so. It is an op of its own, so a compiled step stays
-one graph and reads the one copy of the weights the model holds.
+torch.ops.layerskip.linear, for float32, bfloat16, int8 (a scale per output channel) and int4 (a
+scale and a zero per group) weights and float32 activations: each block of weight rows is read from
+memory once and applied to every row of the input, so a pass over k + 1 or B rows costs about what
+one row costs until the arithmetic catches up with the memory. int4 layers round their input to 8
+bits in blocks of 32 columns (as llama.cpp's Q8_0 does) and multiply with integer dot products, a
+quarter of the float arithmetic.
+
+torch.ops.layerskip.attention, for the decoding steps: each query over the filled part of its row's
+cache, in one order whatever queries, rows and cache length come with it. PyTorch's attention
+blocks its sums by all three; rounding activations to 8 bits would turn those last-bit differences
+into different tokens between a verify pass, a batch and a lone step.
+
+Compiled for AVX-512 (with and without VNNI) and for AVX2 and chosen at run time; where they cannot
+be built (no compiler, no ninja) the model keeps PyTorch's kernels and one line on stderr says so.
+They are ops of their own, so a compiled step stays one graph and reads the one copy of the weights
+the model holds.
 """
 import logging
 import sys
@@ -19,14 +28,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-ISAS = {"avx512": 2, "avx2": 1}
-isa: Optional[str] = None  # the kernels in use: "avx512", "avx2", "" (PyTorch's), None (not yet looked at)
+ISAS = {"avx512_vnni": 3, "avx512": 2, "avx2": 1}
+isa: Optional[str] = None  # the kernels in use: one of ISAS, "" (PyTorch's), None (not yet looked at)
 supported = ""  # the best this CPU runs, once built
 
 
 def enable(force: Optional[str] = None) -> str:
     """Builds (once) and loads the kernels; returns the instruction set in use, "" for none.
-    force: "avx2" or "avx512" to choose one this CPU has, "" for PyTorch's kernels (tests)."""
+    force: one of ISAS that this CPU has, "" for PyTorch's kernels (tests)."""
     global isa, supported
     if force is not None and force not in ISAS and force != "":
         raise ValueError(f"unknown instruction set {force!r}")
@@ -53,7 +62,8 @@ def enable(force: Optional[str] = None) -> str:
         finally:
             quiet.setLevel(level)
         torch.library.register_fake("layerskip::linear")(output_shape)
-        supported = {2: "avx512", 1: "avx2", 0: ""}[module.supported_isa()]
+        torch.library.register_fake("layerskip::attention")(lambda q, k, v, input_pos, isa: torch.empty_like(q))
+        supported = {level: name for name, level in ISAS.items()}.get(module.supported_isa(), "")
         if not supported:
             print("cpu kernels: this CPU has neither AVX-512 nor AVX2 with FMA: using PyTorch's", file=sys.stderr)
     if force is not None and ISAS[force] > ISAS.get(supported, 0):
@@ -76,11 +86,20 @@ def ready() -> bool:
 
 def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: int = 0) -> Tensor:
     """x (..., K) in any float dtype against weight (N, K) float32 / bfloat16 / int8 with scales (N,),
-    or int4 codes (N, K / 2) with scales (N, K / group, 2) float32 of (scale, zero - 8 scale);
-    returns (..., N) in x's dtype. The sums are float32."""
+    or int4 codes (N, K / 2) with scales (N, K / group, 2) float32 of (scale, zero - 8 scale), which
+    meet x rounded to 8 bits per block of 32 columns; returns (..., N) in x's dtype. The sums are
+    float32."""
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
     out = torch.ops.layerskip.linear(rows, weight, scales, group, ISAS[isa])
     return out.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+    """q (b, heads, T, head_dim) at input_pos (b, T), each query over its row's cache entries
+    0..its position of k, v (b, kv_heads, length, head_dim); float32 or bfloat16. Each query's result
+    is the same whatever the queries, rows and cache length beside it."""
+    positions = input_pos.expand(q.shape[0], q.shape[2]).contiguous()
+    return torch.ops.layerskip.attention(q.contiguous(), k, v, positions, ISAS[isa])
 
 
 def main() -> None:

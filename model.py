@@ -265,7 +265,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, rows)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.ready():
+                y = cpu_kernels.attention(q, k, v, input_pos)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:  # training: the whole sequence at once, plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))

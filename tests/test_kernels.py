@@ -19,13 +19,14 @@ from test_quantize import quantized  # noqa: F401 (a fixture)
 if not cpu_kernels.ready():
     pytest.skip("the engine's CPU kernels are not built here", allow_module_level=True)
 
-ISAS = [isa for isa in ("avx512", "avx2") if cpu_kernels.ISAS[isa] <= cpu_kernels.ISAS[cpu_kernels.enable()]]
+ISAS = [isa for isa in cpu_kernels.ISAS if cpu_kernels.ISAS[isa] <= cpu_kernels.ISAS[cpu_kernels.enable()]]
 cpu_kernels.enable()
 
 
-@pytest.fixture(params=["avx512", "avx2"])
+@pytest.fixture(params=list(cpu_kernels.ISAS))
 def isa(request, monkeypatch):
-    """Each instruction set's kernels, where this CPU has it (an AVX2-only CPU skips AVX-512)."""
+    """Each instruction set's kernels, where this CPU has it (an AVX2-only CPU skips AVX-512). The
+    VNNI build differs from AVX-512's in int4 only."""
     if request.param not in ISAS:
         pytest.skip(f"this CPU has no {request.param}")
     monkeypatch.setattr(cpu_kernels, "isa", request.param)
@@ -52,22 +53,38 @@ KINDS = ["float32", "bfloat16", "int8"] + [f"int4 g{g}" for g in quantize.GROUP_
 ROWS = (1, 2, 3, 7, 8, 9, 33, 64)
 
 
+def int4_reference(x: torch.Tensor, w: torch.Tensor, args: tuple) -> torch.Tensor:
+    """What the int4 kernel computes, in float64: x rounded as the kernel rounds it (blocks of 32
+    columns, d = max |x| / 127, q = round(x * (127 / max |x|)), in float32) against code * scale,
+    and x as it is against the shifted zero."""
+    _, shifted, group = args
+    blocks = x.view(x.shape[0], -1, 32)
+    most = blocks.abs().amax(-1, keepdim=True)
+    q = torch.round(blocks * torch.where(most > 0, 127 / most, 0))
+    rounded = (q * (most / 127)).view_as(x).double()
+    zero = shifted[..., 1].double().repeat_interleave(group, dim=1)
+    return rounded @ (w.double() - zero).t() + x.double() @ zero.t()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kernel_equals_a_float64_product_of_its_weights(isa, kind):
     """Output channels a multiple of the 4-channel tile (64) and not (37); input columns a multiple
-    of the vector (512) and, but for int4 (whole groups), not (100: a scalar tail); every row count
-    of ROWS, which are and are not multiples of the row tiles (4 rows on AVX-512, 2 on AVX2).
+    of the vector (512) and, but for int4 (whole groups), not (100: a scalar tail); for int4, columns
+    that end in part of a chunk of 8 vector lanes (352: 96 of 128 on AVX-512, 32 of 64 on AVX2; 320:
+    64 of 128, for groups of 64); every row count of ROWS, which are and are not multiples of the row
+    tiles (4 rows on AVX-512, 2 on AVX2).
+    int4 is held to the product of x rounded to 8 bits as the kernel rounds it (int4_reference).
     Tolerance: 1e-5 of sum |x| |w| per output (float32 accumulation over at most 512 products
     rounds to ~1e-6 of it; a wrong or missing term is of the order of the output itself)."""
     torch.manual_seed(0)
-    for out_features, in_features in ((64, 512), (37, 512), (37, 100)):
+    for out_features, in_features in ((64, 512), (37, 512), (37, 100), (37, 352), (37, 320)):
         if kind.startswith("int4") and in_features % int(kind.removeprefix("int4 g")):
             continue
         w, args = kernel_weights(kind, out_features, in_features)
         for rows in ROWS:
             x = torch.randn(rows, in_features)
             got = cpu_kernels.linear(x, *args)
-            expected = x.double() @ w.double().t()
+            expected = int4_reference(x, w, args) if kind.startswith("int4") else x.double() @ w.double().t()
             bound = 1e-5 * (x.double().abs() @ w.double().abs().t())
             assert got.dtype == torch.float32 and got.shape == (rows, out_features)
             assert ((got.double() - expected).abs() <= bound).all(), (kind, out_features, in_features, rows)
@@ -123,9 +140,81 @@ def test_layers_run_the_engines_kernel_on_the_cpu_and_pytorchs_otherwise(monkeyp
     with torch.no_grad():
         for name, layer in layers.items():
             theirs = layer(x.to(layer.weight.dtype if name == "bfloat16" else torch.float32)).float()
-            tolerance = 2e-2 if name == "bfloat16" else 1e-4
+            tolerance = 2e-2 if name in ("bfloat16", "int4") else 1e-4  # int4: the kernel rounds x to 8 bits
             assert (theirs - own[name].float()).abs().max() <= tolerance * theirs.abs().max(), name
     assert calls == []
+
+
+def attention_case(dtype: torch.dtype, batch: int = 3, queries: int = 7, length: int = 40, head_dim: int = 24):
+    """Random queries at the last `queries` positions of each row's filled part (rows filled to
+    different lengths), GQA with 2 queries per key head, caches of `length` with garbage past each
+    row's filled part, which a query must not see."""
+    torch.manual_seed(3)
+    q = torch.randn(batch, 4, queries, head_dim).to(dtype)
+    k, v = (torch.randn(batch, 2, length, head_dim).to(dtype) for _ in range(2))
+    filled = torch.tensor([20, 33, 9])[:batch]
+    input_pos = filled[:, None] - queries + torch.arange(queries)
+    return q, k, v, input_pos.clamp(min=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_equals_pytorchs_and_gives_each_query_the_same_bits_whatever_comes_with_it(isa, dtype):
+    """Against SDPA with the causal cache mask (head_dim 24: vector lanes and a scalar tail on both
+    instruction sets); then each query alone, its row alone, the cache cut to the row's filled part
+    and grown by garbage give it the very same bits."""
+    q, k, v, input_pos = attention_case(dtype)
+    got = cpu_kernels.attention(q, k, v, input_pos)
+    mask = (torch.arange(k.shape[2]) <= input_pos[..., None])[:, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                                enable_gqa=True)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert got.dtype == dtype and (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
+    longer_k, longer_v = (torch.cat([t, torch.randn_like(t.float()).to(dtype)], dim=2) for t in (k, v))
+    for b in range(q.shape[0]):
+        end = int(input_pos[b].max()) + 1
+        for t in range(q.shape[2]):
+            one = q[b:b + 1, :, t:t + 1]
+            pos = input_pos[b:b + 1, t:t + 1]
+            for keys, values in ((k, v), (k[:, :, :end], v[:, :, :end]), (longer_k, longer_v)):
+                alone = cpu_kernels.attention(one, keys[b:b + 1].contiguous(), values[b:b + 1].contiguous(), pos)
+                assert torch.equal(alone[0, :, 0], got[b, :, t]), (b, t, keys.shape)
+
+
+GUARDED = """
+import ctypes, mmap, sys
+import torch
+import cpu_kernels, quantize
+PAGE = mmap.PAGESIZE
+
+def before_a_guard_page(t):  # a copy of t that ends where an unreadable page begins
+    size = -(-t.nbytes // PAGE) * PAGE
+    memory = mmap.mmap(-1, size + PAGE)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(start + size), PAGE, 0) == 0  # PROT_NONE
+    copy = torch.frombuffer(memory, dtype=t.dtype, count=t.numel(), offset=size - t.nbytes).view(t.shape)
+    copy.copy_(t)
+    return copy
+
+torch.manual_seed(0)
+cpu_kernels.enable()
+for isa in sys.argv[1:]:
+    cpu_kernels.isa = isa
+    for out_features, in_features, group in ((37, 352, 32), (5, 320, 64), (3, 192, 64)):
+        codes, sz = quantize.quantize_int4(torch.randn(out_features, in_features), group)
+        shifted = torch.stack([sz[..., 0], sz[..., 1] - 8 * sz[..., 0]], dim=-1).transpose(0, 1).contiguous()
+        guarded = cpu_kernels.linear(torch.randn(3, in_features), before_a_guard_page(codes), before_a_guard_page(shifted), group)
+        assert guarded.isfinite().all()
+print("read nothing past the weights")
+"""
+
+
+def test_int4_reads_nothing_past_its_codes_or_scales():
+    """The last chunk of a row may be part of one (K = 352 is 2.75 chunks of 128 columns on AVX-512,
+    5.5 of 64 on AVX2): with the codes and the scales each ending where an unreadable page begins,
+    a read past either of them ends the process (SIGSEGV)."""
+    proc = subprocess.run([sys.executable, "-c", GUARDED, *ISAS], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "read nothing past the weights" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
 
 
 def test_a_failed_build_says_so_in_one_line_and_keeps_pytorchs_kernels(tmp_path):

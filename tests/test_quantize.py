@@ -78,7 +78,10 @@ def linear(layer_kind: str, w: torch.Tensor, groupsize: int = 0) -> torch.nn.Mod
 def test_packed_kernels_equal_a_float_matmul_of_the_dequantized_weight(dtype, kernels):
     """Through each set of CPU kernels, rows of 1, 3 and 8 (decode, a verify pass, a batch), against
     the weight the codes and the layer's scales stand for. Tolerance: 1e-5 of the output's scale in
-    float32 (accumulation order only), 1% in bfloat16 (the output rounded to 8 bits of mantissa)."""
+    float32 (accumulation order only), 1% in bfloat16 (the output rounded to 8 bits of mantissa);
+    for int4 through the engine's kernel, which rounds x to 8 bits per block of 32 columns, also the
+    most that rounding can move an output: sum_k max|x in k's block| / 254 * |code_k * scale_k|
+    (test_kernels.py holds the kernel to the exact product of the rounded x)."""
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     w = weights("outliers", rows=40, columns=256)  # 40 rows: int4 pads them to 48 for the CPU kernel
     for kind, groupsize in [("int8", 0)] + [("int4", g) for g in quantize.GROUP_SIZES]:
@@ -87,7 +90,10 @@ def test_packed_kernels_equal_a_float_matmul_of_the_dequantized_weight(dtype, ke
             dequantized = quantize.dequantize_int8(layer.codes, layer.scales)
         else:
             dequantized = quantize.dequantize_int4(layer.codes, layer.scales_and_zeros, groupsize)
+        code_times_scale = torch.zeros_like(dequantized)
         if kind == "int4":
+            scale, zero = (layer.scales_and_zeros[..., i].float().t().repeat_interleave(groupsize, dim=1) for i in (0, 1))
+            code_times_scale = dequantized - (zero - 8 * scale)
             layer.pack()  # PyTorch's kernel: rows padded to 48; the engine's: none
             assert layer.packed.shape[0] == (48 if kernels == "pytorch" else 40) and not hasattr(layer, "codes")
         for rows in (1, 3, 8):
@@ -95,7 +101,11 @@ def test_packed_kernels_equal_a_float_matmul_of_the_dequantized_weight(dtype, ke
             expected = x.double() @ dequantized.double().t()
             got = layer(x)
             assert got.shape == (2, rows, 40) and got.dtype == dtype
-            assert (got.double() - expected).abs().max() <= tolerance * expected.abs().max(), (kind, groupsize, rows)
+            bound = tolerance * expected.abs().max()
+            if kernels == "own":
+                block_max = x.double().abs().view(2, rows, -1, 32).amax(-1).repeat_interleave(32, dim=-1)
+                bound = bound + block_max / 254 @ code_times_scale.double().abs().t()
+            assert ((got.double() - expected).abs() <= bound).all(), (kind, groupsize, rows)
     # A layer whose input width the int8 kernel cannot take runs as a dequantizing matmul.
     layer = linear("int8", weights("random", rows=8, columns=40)).to(dtype)
     x = torch.randn(3, 40).to(dtype)
@@ -188,12 +198,16 @@ def test_per_layer_evaluation_of_a_quantized_file(quantized, tmp_path, capsys):
 
 
 def test_compiled_quantized_step_is_one_graph(quantized):
+    """Compiled self-speculation on an int4 file gives the compiled autoregressive tokens, without a
+    recompile. Compiled against compiled: inductor's norms and activations differ from the eager
+    ones in the last bits, and the int4 kernel's rounding of its input to 8 bits can turn such a
+    difference into another token (it does on this random model)."""
     from test_generate import json_result, run_generate
     path = quantized("llama2", "int4")
     common = ("--checkpoint_path", str(path), "--prompt", "def add(a, b):", "--max_new_tokens", "24",
-              "--temperature", "0", "--dtype", "float32", "--json")
+              "--temperature", "0", "--dtype", "float32", "--json", "--compile")
     reference = json_result(run_generate(*common))["samples"][0]["generated_tokens"]
-    proc = run_generate(*common, "--compile", "--draft_layers", "2", "--speculate_k", "3",
+    proc = run_generate(*common, "--draft_layers", "2", "--speculate_k", "3",
                         env={"TORCH_LOGS": "recompiles"})
     assert json_result(proc)["samples"][0]["generated_tokens"] == reference
     assert "recompil" not in proc.stderr.lower(), proc.stderr[-2000:]
@@ -324,7 +338,9 @@ def test_quantized_layers_take_inputs_the_kernels_would_refuse(kernels):
     layer.pack()
     x = torch.randn(3, 512)[:, :256]  # rows 512 apart
     expected = x.double() @ dequantized.double().t()
-    assert (layer(x).double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert torch.equal(layer(x), layer(x.contiguous()))
+    rounding = 5e-2 if kernels == "own" else 1e-5  # the engine's int4 kernel rounds x to 8 bits
+    assert (layer(x).double() - expected).abs().max() <= rounding * expected.abs().max()
     layer = linear("int8", w).to(torch.bfloat16)
     x = torch.randn(1 + 3 * 256).to(torch.bfloat16)[1:].view(3, 256)  # 2 bytes past an aligned start
     expected = x.double() @ quantize.dequantize_int8(layer.codes, layer.scales).double().t()
