@@ -212,6 +212,28 @@ static inline ivec dot4(ivec u, ivec s, ivec u2, ivec s2) {  // as on AVX-512 wi
 constexpr int CHANNELS = 4;
 constexpr int64_t ROW_BLOCK = 64;  // rows whose partial sums a thread keeps at once
 
+// The output channels split over the threads in tiles of CHANNELS, the rows in blocks of ROW_BLOCK:
+// add(n0, channels, m0, rows, sums) accumulates the vector sums of rows [m0, m0 + rows) x channels
+// [n0, n0 + channels) from zero, and finish(m, n, sum) writes the result of row m, channel n.
+template <class Add, class Finish>
+static void over_tiles(int64_t M, int64_t N, const Add& add, const Finish& finish) {
+    at::parallel_for(0, (N + CHANNELS - 1) / CHANNELS, 1, [&](int64_t begin, int64_t end) {
+        vec sums[ROW_BLOCK][CHANNELS];
+        for (int64_t t = begin; t < end; t++) {
+            const int64_t n0 = t * CHANNELS;
+            const int channels = int(std::min<int64_t>(CHANNELS, N - n0));
+            for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
+                const int64_t rows = std::min(ROW_BLOCK, M - m0);
+                for (int64_t r = 0; r < rows; r++)
+                    for (int c = 0; c < CHANNELS; c++) sums[r][c] = vzero();
+                add(n0, channels, m0, rows, sums);
+                for (int64_t r = 0; r < rows; r++)
+                    for (int c = 0; c < channels; c++) finish(m0 + r, n0 + c, sums[r][c]);
+            }
+        }
+    });
+}
+
 #if !VNNI
 // Each kind of weight: load(n, k) gives LANES weights of channel n from column k as floats, at(n, k)
 // one weight (the columns past the last full vector) and finish(n, sum) the channel's result.
@@ -278,36 +300,25 @@ constexpr int64_t COLUMN_BLOCK = 256;
 template <class Weight>
 static void linear(const Weight& wt, const float* x, int64_t M, int64_t K, int64_t N, float* y) {
     static_assert(CHANNELS == 4, "tile_channels covers 1 to 4 channels");
-    const int64_t tiles = (N + CHANNELS - 1) / CHANNELS, full = K - K % LANES;
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-        vec sums[ROW_BLOCK][CHANNELS];
-        for (int64_t t = begin; t < end; t++) {
-            const int64_t n0 = t * CHANNELS;
-            const int channels = int(std::min<int64_t>(CHANNELS, N - n0));
-            for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
-                const int64_t rows = std::min(ROW_BLOCK, M - m0);
-                const float* xb = x + m0 * K;
-                for (int64_t r = 0; r < rows; r++)
-                    for (int c = 0; c < CHANNELS; c++) sums[r][c] = vzero();
-                for (int64_t k0 = 0; k0 < full; k0 += COLUMN_BLOCK) {
-                    const int64_t k1 = std::min(full, k0 + COLUMN_BLOCK);
-                    int64_t m = 0;
-                    for (; m + ROWS <= rows; m += ROWS) tile_channels<ROWS>(wt, xb + m * K, K, k0, k1, n0, channels, sums + m);
-                    switch (rows - m) {  // the last rows in one tile too: each weight vector is converted once per
-                                         // tile (the cases past ROWS - 1 never run)
-                        case 3: tile_channels<(ROWS > 3 ? 3 : 1)>(wt, xb + m * K, K, k0, k1, n0, channels, sums + m); break;
-                        case 2: tile_channels<(ROWS > 2 ? 2 : 1)>(wt, xb + m * K, K, k0, k1, n0, channels, sums + m); break;
-                        case 1: tile_channels<1>(wt, xb + m * K, K, k0, k1, n0, channels, sums + m); break;
-                    }
-                }
-                for (int64_t r = 0; r < rows; r++)
-                    for (int c = 0; c < channels; c++) {
-                        float s = vsum(sums[r][c]);
-                        for (int64_t k = full; k < K; k++) s = std::fma(xb[r * K + k], wt.at(n0 + c, k), s);
-                        y[(m0 + r) * N + n0 + c] = wt.finish(n0 + c, s);
-                    }
+    const int64_t full = K - K % LANES;
+    auto add = [&](int64_t n0, int channels, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) {
+        const float* xb = x + m0 * K;
+        for (int64_t k0 = 0; k0 < full; k0 += COLUMN_BLOCK) {
+            const int64_t k1 = std::min(full, k0 + COLUMN_BLOCK);
+            int64_t m = 0;
+            for (; m + ROWS <= rows; m += ROWS) tile_channels<ROWS>(wt, xb + m * K, K, k0, k1, n0, channels, sums + m);
+            switch (rows - m) {  // the last rows in one tile too: each weight vector is converted once per
+                                 // tile (the cases past ROWS - 1 never run)
+                case 3: tile_channels<(ROWS > 3 ? 3 : 1)>(wt, xb + m * K, K, k0, k1, n0, channels, sums + m); break;
+                case 2: tile_channels<(ROWS > 2 ? 2 : 1)>(wt, xb + m * K, K, k0, k1, n0, channels, sums + m); break;
+                case 1: tile_channels<1>(wt, xb + m * K, K, k0, k1, n0, channels, sums + m); break;
             }
         }
+    };
+    over_tiles(M, N, add, [&](int64_t m, int64_t n, vec sum) {
+        float s = vsum(sum);
+        for (int64_t k = full; k < K; k++) s = std::fma(x[m * K + k], wt.at(n, k), s);
+        y[m * N + n] = wt.finish(n, s);
     });
 }
 
@@ -406,26 +417,15 @@ static void run_int4(const at::Tensor& x, const at::Tensor& weight, const at::Te
     quantize_activations(x.data_ptr<float>(), M, K, chunks, q.data_ptr<int8_t>(), d.data_ptr<float>(),
                          d.data_ptr<float>() + M * chunks * LANES);
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, (N + CHANNELS - 1) / CHANNELS, 1, [&](int64_t begin, int64_t end) {
-        vec sums[ROW_BLOCK][CHANNELS];
-        for (int64_t t = begin; t < end; t++) {
-            const int64_t n0 = t * CHANNELS;
-            const int channels = int(std::min<int64_t>(CHANNELS, N - n0));
-            for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
-                const int64_t rows = std::min(ROW_BLOCK, M - m0);
-                for (int64_t r = 0; r < rows; r++)
-                    for (int c = 0; c < CHANNELS; c++) sums[r][c] = vzero();
-                switch (channels) {
-                    case 4: int4_channels<4>(p, n0, m0, rows, sums); break;
-                    case 3: int4_channels<3>(p, n0, m0, rows, sums); break;
-                    case 2: int4_channels<2>(p, n0, m0, rows, sums); break;
-                    default: int4_channels<1>(p, n0, m0, rows, sums); break;
-                }
-                for (int64_t r = 0; r < rows; r++)
-                    for (int c = 0; c < channels; c++) yp[(m0 + r) * N + n0 + c] = vsum(sums[r][c]);
-            }
+    auto add = [&](int64_t n0, int channels, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) {
+        switch (channels) {
+            case 4: int4_channels<4>(p, n0, m0, rows, sums); break;
+            case 3: int4_channels<3>(p, n0, m0, rows, sums); break;
+            case 2: int4_channels<2>(p, n0, m0, rows, sums); break;
+            default: int4_channels<1>(p, n0, m0, rows, sums); break;
         }
-    });
+    };
+    over_tiles(M, N, add, [&](int64_t m, int64_t n, vec sum) { yp[m * N + n] = vsum(sum); });
 }
 
 #if !VNNI
