@@ -211,6 +211,22 @@ def sample_from_probs(probs: Tensor, seed: Optional[Tensor] = None, position: Op
     return torch.argmax(probs / exponential, dim=-1)
 
 
+def is_greedy(temperature: Union[float, Tensor]) -> bool:
+    """Whether every row is greedy by a setting fixed for the whole graph (a number, not per-row tensors)."""
+    return not isinstance(temperature, Tensor) and temperature == 0
+
+
+def next_tokens(logits: Tensor, temperature: Union[float, Tensor], top_k: Union[int, None, Tensor],
+                top_p: Optional[Tensor] = None, seed: Optional[Tensor] = None, position: Optional[Tensor] = None,
+                purpose: int = TOKEN) -> Tensor:
+    """A draw from logits over the last dim, as sample_from_probs(logits_to_probs(...)) makes it.
+    Greedy is the argmax itself: the same token without a one-hot and a random race over the
+    vocabulary (for a 128k vocabulary, 512 KB a row)."""
+    if is_greedy(temperature):
+        return logits.argmax(-1)
+    return sample_from_probs(logits_to_probs(logits, temperature, top_k, top_p), seed, position, purpose)
+
+
 def settings_for(rows: Tensor, temperature, top_k, top_p, seed) -> tuple:
     """The per-row settings of cache rows `rows`; numbers pass through."""
     return tuple(s[rows] if isinstance(s, Tensor) else s for s in (temperature, top_k, top_p, seed))
@@ -236,7 +252,7 @@ def prefill(model: Transformer, idx: Tensor, lengths: Tensor, rows: Tensor, temp
     input_pos = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)
     logits = model_logits(model, idx, input_pos, early_exit, rows)
     last = logits[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
-    return sample_from_probs(logits_to_probs(last, temperature, top_k, top_p), seed, lengths)
+    return next_tokens(last, temperature, top_k, top_p, seed, lengths)
 
 
 def decode_one_token(model: Transformer, token: Tensor, pos: Tensor, temperature: Union[float, Tensor],
@@ -246,7 +262,7 @@ def decode_one_token(model: Transformer, token: Tensor, pos: Tensor, temperature
     self-speculative step returns, with no drafts: (out (B, 1), accepted (B,) = 0, next token,
     next position)."""
     logits = model_logits(model, token, pos[:, None], early_exit)[:, -1]
-    next_token = sample_from_probs(logits_to_probs(logits, temperature, top_k, top_p), seed, pos + 1)[:, None]
+    next_token = next_tokens(logits, temperature, top_k, top_p, seed, pos + 1)[:, None]
     return next_token, torch.zeros_like(pos), next_token, pos + 1
 
 

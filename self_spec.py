@@ -30,8 +30,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from common import (ACCEPT, DRAFT, atomic_write, decode_one_token, generate_batch, logits_to_probs, prefill, row_uniform,
-                    sample_from_probs)
+from common import (ACCEPT, DRAFT, atomic_write, decode_one_token, generate_batch, is_greedy, logits_to_probs, prefill,
+                    row_uniform, sample_from_probs)
 from model import ModelArgs, Transformer
 from tokenizer import load_tokenizer
 
@@ -50,29 +50,54 @@ def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, tem
     batch = token.shape[0]
     rows = torch.arange(batch, device=pos.device)
     kept = model.draft_ids  # drafts over these tokens only (Transformer.set_draft_vocab), or None: all
+    greedy = is_greedy(temperature)  # then no distributions over the vocabulary at all: argmaxes
     drafts, choices, draft_probs = [], [], []
     x = token
     for i in range(k):  # unrolled when compiled: k is a constant
-        probs = logits_to_probs(model.draft_head(model.early(x, (pos + i)[:, None]))[:, -1], temperature, top_k, top_p)
-        choice = sample_from_probs(probs, seed, pos + i + 1, DRAFT)  # an index into the draft head's tokens
+        logits = model.draft_head(model.early(x, (pos + i)[:, None]))[:, -1]
+        if greedy:
+            choice = logits.argmax(-1)  # an index into the draft head's tokens
+        else:
+            probs = logits_to_probs(logits, temperature, top_k, top_p)
+            choice = sample_from_probs(probs, seed, pos + i + 1, DRAFT)
+            draft_probs.append(probs)
+            choices.append(choice[:, None])
         x = (choice if kept is None else kept[choice])[:, None]
         drafts.append(x)
-        choices.append(choice[:, None])
-        draft_probs.append(probs)
     model.early(x, (pos + k)[:, None])  # the last draft's early pass: its KV and exit-layer state, no head
 
     positions = pos[:, None] + torch.arange(k + 1, device=pos.device)  # (B, k + 1)
     exit_states = model.exit_cache[rows[:, None], positions]
-    target_probs = logits_to_probs(model.head(model.late(exit_states, positions)), temperature, top_k, top_p)
+    target_logits = model.head(model.late(exit_states, positions))
+    draft = torch.cat(drafts, 1)  # (B, k)
+    if greedy:  # what the rule below gives on one-hot distributions: accept while draft = argmax
+        target = target_logits.argmax(-1)  # (B, k + 1)
+        n = torch.cumprod((draft == target[:, :k]).int(), 1).sum(1)
+        if limit is not None:
+            n = torch.minimum(n, limit)
+        next_token = target[rows, n][:, None]
+    else:
+        n, next_token = accept_sampled(logits_to_probs(target_logits, temperature, top_k, top_p), draft,
+                                       torch.cat(choices, 1), torch.stack(draft_probs, 1), kept, positions, seed, limit)
+    out = torch.cat([draft, next_token], 1)
+    out = torch.where(torch.arange(k + 1, device=pos.device) == n[:, None], next_token, out)
+    return out, n, next_token, pos + n + 1
 
+
+def accept_sampled(target_probs: Tensor, draft: Tensor, choices: Tensor, q: Tensor, kept: Optional[Tensor],
+                   positions: Tensor, seed: Optional[Tensor], limit: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Rejection sampling of drafts (B, k) - choices (B, k) their indices among the draft head's
+    tokens, q (B, k, N) the draft distributions - against target_probs (B, k + 1, V): returns the
+    accepted counts n (B,) and the token after them (B, 1)."""
+    batch, k = draft.shape
+    rows = torch.arange(batch, device=draft.device)
+    pos = positions[:, 0]
     # Accept draft i with probability min(1, p_i(d_i) / q_i(d_i)); n = accepted before the first miss.
     # q is the draft distribution: over the draft head's tokens, zero outside them.
-    draft = torch.cat(drafts, 1)  # (B, k)
-    q = torch.stack(draft_probs, 1)  # (B, k, N): N the draft head's tokens
     p_draft = target_probs[:, :k].gather(2, draft[..., None])[..., 0]
-    q_draft = q.gather(2, torch.cat(choices, 1)[..., None])[..., 0]
+    q_draft = q.gather(2, choices[..., None])[..., 0]
     if seed is None:
-        uniform = torch.rand(batch, k, device=pos.device)
+        uniform = torch.rand(batch, k, device=draft.device)
     else:
         uniform = row_uniform(seed, positions[:, 1:], ACCEPT)
     accept = uniform * q_draft < p_draft
@@ -92,10 +117,7 @@ def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, tem
     else:
         residual = p_next.scatter_add(1, kept.expand(batch, -1), -q_next).clamp_min(0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
-    next_token = sample_from_probs(residual, seed, pos + n + 1)[:, None]  # (B, 1)
-    out = torch.cat([draft, next_token], 1)
-    out = torch.where(torch.arange(k + 1, device=pos.device) == n[:, None], next_token, out)
-    return out, n, next_token, pos + n + 1
+    return n, sample_from_probs(residual, seed, pos + n + 1)[:, None]
 
 
 def parse_speculate_k(text: str) -> Union[int, str]:

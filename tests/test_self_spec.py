@@ -13,7 +13,7 @@ import torch
 from common import generate, generate_batch, prefill
 from conftest import N_LAYER, ROOT, stand_in_model, write_task
 from model import Transformer, load_model
-from self_spec import AUTO_K, AdaptiveK, best_k, speculative_generate, speculative_steps, warm_up
+from self_spec import AUTO_K, AdaptiveK, best_k, speculative_generate, speculative_step, speculative_steps, warm_up
 from tokenizer import load_tokenizer
 
 MAX_NEW = 37  # a multiple of none of k + 1 = 2, 4, 9
@@ -379,22 +379,34 @@ def test_adaptive_k_waits_first_wait_again_once_a_probe_brings_drafting_back():
 
 
 def test_uniform_draws_at_the_ends_of_the_interval(checkpoints, monkeypatch):
-    """Greedy self-speculation with every uniform draw pinned: at 0 a draft the full model gives
-    probability 0 is still refused (accept when u q < p, not u q <= p); at 1 (u < 1 is all that
-    accepts a draft with p = q) every draft is refused even where p = q exactly (late layers
-    silenced), which leaves no residual mass: the token then comes from p itself. Either way the
-    tokens are the autoregressive ones."""
+    """Greedy rows through the sampling rule (per-row settings: one-hot distributions, rejection
+    sampling) with every uniform draw pinned: at 0 a draft the full model gives probability 0 is
+    still refused (accept when u q < p, not u q <= p); at 1 (u < 1 is all that accepts a draft with
+    p = q) every draft is refused even where p = q exactly (late layers silenced), which leaves no
+    residual mass: the token then comes from p itself. Either way the tokens are the
+    autoregressive ones."""
+    def by_the_rule(model, token, pos, k, temperature, top_k):
+        rows = token.shape[0]
+        return speculative_step(model, token, pos, k, torch.zeros(rows), torch.zeros(rows, dtype=torch.long),
+                                torch.ones(rows))
+
+    def pinned(model, exit_layer):
+        model.setup_caches(1, len(prompt) + 20 + 4, exit_layer)
+        with torch.inference_mode():
+            return speculative_generate(model, prompt, 20, 3, temperature=0, top_k=None, stop_ids=frozenset(),
+                                        step_fn=by_the_rule)
+
     prompt = torch.tensor([1, 40, 41, 42])
     model = load_model(checkpoints("llama2")[0])
     reference, _ = greedy(model, prompt, max_new=20)
     rand = torch.rand
     monkeypatch.setattr(torch, "rand", lambda *shape, device=None: torch.zeros(*shape, device=device))
-    tokens, stats = greedy(model, prompt, 2, k=3, max_new=20)
+    tokens, stats = pinned(model, 2)
     assert tokens == reference and stats["acceptance_rate"] < 0.9
     silenced = late_layers_silenced(model, 2)
     reference, _ = greedy(silenced, prompt, max_new=20)
     monkeypatch.setattr(torch, "rand", lambda *shape, device=None: torch.ones(*shape, device=device))
-    tokens, stats = greedy(silenced, prompt, 2, k=3, max_new=20)
+    tokens, stats = pinned(silenced, 2)
     assert tokens == reference and stats["acceptance_rate"] == 0 and len(set(tokens)) > 3
     monkeypatch.setattr(torch, "rand", rand)
 
