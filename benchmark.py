@@ -402,6 +402,118 @@ def pieces_cost(ms: dict, k: int) -> float:
                      ms["head_verify"][k] / ms["full"])
 
 
+# --- where a step's time goes, by kind of work ---------------------------------------------------
+
+KIND_STEPS = 10  # steps kind_costs profiles per case
+KINDS = {  # key -> what the report calls it
+    "linear": "linear layers (the layers' projections)",
+    "head": "LM head (the linear over the vocabulary or the draft vocabulary)",
+    "fused_linear": "compiled kernels holding one-row linear layers (and what inductor fused with them)",
+    "attention": "attention over the cache, cache writes",
+    "elementwise": "norms, RoPE, embedding, other tensor ops",
+    "sampling": "sampling and acceptance (what follows the logits)",
+    "host": "host: Python, dispatch, the compiled wrapper, the profiler's own recording",
+}
+LINEAR_OPS = {  # op -> (input, dim) that holds its output width
+    "layerskip::linear": (1, 0), "aten::linear": (1, 0), "aten::_weight_int8pack_mm": (1, 0),
+    "aten::_weight_int4pack_mm_for_cpu": (1, 0), "aten::_weight_int4pack_mm": (3, 1),  # CUDA: the scales' width
+    "aten::mm": (1, -1), "aten::matmul": (1, -1), "aten::addmm": (2, -1)}
+ATTENTION_OPS = ("layerskip::attention", "aten::scaled_dot_product_attention", "aten::_scaled_dot_product",
+                 "aten::index_put_", "aten::index_copy_")
+SAMPLING_OPS = ("argmax", "exponential", "one_hot", "cumprod", "cumsum", "softmax", "topk", "sort", "gather",
+                "scatter", "rand", "multinomial")
+
+
+def work_kind(name: str, shapes: list, head_widths: set[int]) -> Optional[str]:
+    """The kind of work (a key of KINDS) of a profiler event, from its name and input shapes; None
+    for a scope that is no operator (the compiled region, its wrapper), whose operators are counted
+    instead. An inductor kernel (named, with cpp.enable_kernel_profile, after the aten ops fused into
+    it) has no shapes: one with a mul and a sum holds Linear's one-row form under compile
+    ((x * weight).sum(-1)), whose weight read outweighs whatever else was fused into it."""
+    if "cpp_fused_" in name:
+        ops = name.split("cpp_fused_", 1)[1].split("_")
+        if "mul" in ops and "sum" in ops:
+            return "fused_linear"
+        return "sampling" if any(op in name for op in SAMPLING_OPS) else "elementwise"
+    if "::" not in name:
+        return None
+    if name in LINEAR_OPS:
+        arg, dim = LINEAR_OPS[name]
+        return "head" if len(shapes) > arg and shapes[arg] and shapes[arg][dim] in head_widths else "linear"
+    if name.startswith(ATTENTION_OPS):
+        return "attention"
+    return "sampling" if any(op in name for op in SAMPLING_OPS) else "elementwise"
+
+
+def kind_ms(roots: list, head_widths: set[int], wall_ms: float, steps: int) -> dict[str, float]:
+    """Milliseconds per step of each kind of work over `steps` profiled steps that took wall_ms:
+    the outermost operators under roots (the profiler's events without a parent) - an aten::linear's
+    aten::mm is inside its time - and the rest of the wall time as the host's. In the order they ran,
+    the tensor ops after a head until the next pass starts (an embedding) are the sampling's."""
+    ms = dict.fromkeys(KINDS, 0.0)
+    after_head = False
+
+    def visit(event) -> None:
+        nonlocal after_head
+        kind = work_kind(event.name, event.input_shapes, head_widths)
+        if kind is None:
+            for child in sorted(event.cpu_children, key=lambda e: e.time_range.start):
+                visit(child)
+            return
+        if "embedding" in event.name:
+            after_head = False
+        if kind == "elementwise" and after_head:
+            kind = "sampling"
+        after_head = after_head or kind == "head"
+        ms[kind] += event.cpu_time_total / 1e3 / steps
+    for root in sorted(roots, key=lambda e: e.time_range.start):
+        visit(root)
+    ms["host"] = wall_ms / steps - sum(ms.values())
+    return ms
+
+
+@torch.inference_mode()
+def kind_costs(model: Transformer, prompts: list[list[int]], fns: dict, exit_layer: int, ks: list[int],
+               batch_sizes: list[int], length: int, steps: int = KIND_STEPS) -> dict:
+    """Where the time of one AR step and of one self-speculative step at each k goes, by kind of
+    work (KINDS), at each batch size: the run's own step functions (compiled with --compile), on
+    caches of the run's length holding a prefill of the prompts, `steps` calls profiled after 3
+    untimed ones, and as many timed without the profiler, which adds its own time to the host's.
+    CPU only: on a GPU the CPU profiler sees the launches, not the kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    prefill_fn = fns[0][0]
+    head_widths = {model.output.out_features} | ({model.draft_output.out_features} if model.draft_output else set())
+    out = {}
+    for b in batch_sizes:
+        model.setup_caches(b, length, exit_layer)
+        rows = [prompts[i % len(prompts)] for i in range(b)]
+        idx = torch.zeros(b, max(map(len, rows)), dtype=torch.long)
+        for i, row in enumerate(rows):
+            idx[i, :len(row)] = torch.tensor(row)
+        lengths = torch.tensor([len(row) for row in rows])
+        token = prefill_fn(model, idx, lengths, torch.arange(b))[:, None]
+        for k in [0] + ks:  # a fixed k that the run has as one of "auto"'s steps only
+            step = fns[k][1][k] if k in fns else fns["auto"][1][k]
+            for _ in range(3):
+                step(model, token, lengths)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(model, token, lengths)
+            unprofiled_ms = (time.perf_counter() - t0) * 1e3 / steps
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step(model, token, lengths)
+                wall = time.perf_counter() - t0
+            ms = kind_ms([e for e in p.events() if e.cpu_parent is None], head_widths, wall * 1e3, steps)
+            step_ms = wall * 1e3 / steps
+            out[f"{'AR' if k == 0 else f'k={k}'}, batch {b}"] = {
+                "batch_size": b, "k": k, "step_ms": step_ms, "step_ms_without_profiler": unprofiled_ms, "ms": ms,
+                # an estimate from two runs: the step without the profiler less its operators' time with it
+                "host_ms_without_profiler": unprofiled_ms - (step_ms - ms["host"])}
+    return out
+
+
 @torch.inference_mode()
 def exit_agreement(model: Transformer, sequences: list[tuple[list[int], int]], device: str) -> dict[int, float]:
     """For each exit layer E: how often layer E's greedy guess (its hidden state through the shared
@@ -692,7 +804,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     t.add_argument("--llama_cpp_gguf", type=Path, help="with --compare llama.cpp: run llama.cpp on this GGUF file as it is "
                    "(the one --checkpoint_path was converted from, convert_hf_checkpoint.py --gguf) instead of converting "
                    "the engine's weights with llama.cpp's tools")
-    t.add_argument("--profile", action="store_true", help="time the pieces of a step (eager) and the copy bandwidth")
+    t.add_argument("--profile", action="store_true", help="time the pieces of a step (eager), the copy bandwidth, "
+                   "and (on a CPU) one step's time by kind of work at batch 1 and each --batch_size")
     t.add_argument("--memory", action="store_true", help="caches and peak memory, AR vs self-speculation")
     t.add_argument("--output", type=Path, help="write every measurement here (JSON)")
     s = p.add_argument_group("synthetic model (engineering mode: random weights, random prompts)")
@@ -824,10 +937,14 @@ def benchmark(args: argparse.Namespace, argv: list[str], tmp: Path) -> dict:
     scorer = make_scorer(metric) if metric else None
     stop_ids = tokenizer.stop_ids if args.stop_at_eos else set()  # empty: no token ends a prompt early
     ks = args.sweep[1] if args.sweep else args.speculate_k
+    if args.profile and args.compile:  # read when inductor writes a kernel: only then does it get a profiler event
+        torch._inductor.config.cpp.enable_kernel_profile = True
     fns = decoding(args, ks)
+    exits, batch_sizes = args.sweep[0] if args.sweep else [exit_layer], args.batch_size or [1]
+    if args.profile:  # kind_costs steps at exit_layer, at batch 1 and at each batch size
+        exits, batch_sizes = sorted({exit_layer, *exits}), sorted({1, *batch_sizes})
     # each exit layer and batch size compiles every method's steps anew
-    allow_graphs(len(args.sweep[0] if args.sweep else [exit_layer]) * len(args.batch_size or [1])
-                 * sum(len(steps) for _, steps in fns.values()))
+    allow_graphs(len(exits) * len(batch_sizes) * sum(len(steps) for _, steps in fns.values()))
     length = cache_length([len(p["tokens"]) for p in prompts], args.max_new_tokens, model.args.max_seq_length, slack(ks))
     # The synthetic model's late layers are scaled from the exit layer on; a checkpoint stays as it is.
     variants = [({}, None)]
@@ -892,6 +1009,12 @@ def benchmark(args: argparse.Namespace, argv: list[str], tmp: Path) -> dict:
         out["copy_bandwidth_gbs"] = copy_bandwidth_gbs(args.device)
         ar_gbs = next((a["weights_gb_per_sec"] for a in out.get("aggregate", []) if "weights_gb_per_sec" in a), None)
         report += profile_report(out["profile_ms"], exit_layer, fixed, out["copy_bandwidth_gbs"], ar_gbs)
+        if args.device == "cpu":
+            out["profile_kinds"] = kind_costs(model, [p["tokens"] for p in prompts], fns, exit_layer, fixed, batch_sizes,
+                                              length)
+            report += kinds_report(out["profile_kinds"], args.compile)
+        else:
+            report.append("By kind of work: on a CPU only (the CPU profiler sees a GPU's launches, not its kernels).\n")
     if args.memory:  # eager: new cache lengths would recompile inside the measured span
         eager = decoding(argparse.Namespace(**{**vars(args), "compile": False}), args.speculate_k)
         methods = engine_methods(model, eager, exit_layer, args.max_new_tokens, stop_ids)
@@ -1031,6 +1154,29 @@ def profile_report(ms: dict, exit_layer: int, ks: list[int], bandwidth: float, a
             + "\n".join(f"| {name} | {v:.3f} | {v / ms['full']:.2f} |" for name, v in rows) + "\n",
             f"Copy bandwidth of this device: {bandwidth:.1f} GB/s (read + written)"
             + (f"; AR reads {ar_gbs:.2f} GB/s of weights ({ar_gbs / bandwidth:.0%})" if ar_gbs else "") + ".\n"]
+
+
+def kinds_report(cases: dict, compiled: bool) -> list[str]:
+    def row(label: str, ms: Callable[[dict], float], whole: Optional[str] = None) -> dict:
+        """ms and, with whole, its share of that figure of the case, for every case."""
+        return {"label": label, "ms": {name: ms(case) for name, case in cases.items()},
+                "share": {name: ms(case) / case[whole] for name, case in cases.items()} if whole else {}}
+    shown = [kind for kind in KINDS if any(case["ms"][kind] for case in cases.values())]  # fused_linear: compiled only
+    rows = [row(KINDS[kind], lambda case, kind=kind: case["ms"][kind], "step_ms") for kind in shown] + [
+        row("whole step, profiled", lambda case: case["step_ms"], "step_ms"),
+        row("whole step without the profiler", lambda case: case["step_ms_without_profiler"]),
+        row("host without the profiler (that step less the operators' time above)",
+            lambda case: case["host_ms_without_profiler"], "step_ms_without_profiler")]
+    columns = [("kind of work", column("label", ""))] + [
+        pair for name in cases for pair in ((f"{name}: ms", lambda r, name=name: fmt(r["ms"][name], ".3f")),
+                                            ("share", lambda r, name=name: fmt(r["share"].get(name), ".0%")))]
+    return [f"### One step by kind of work ({'compiled' if compiled else 'eager'}, torch.profiler, CPU)\n",
+            markdown_table(rows, columns) + "\n",
+            f"ms per step, the mean of {KIND_STEPS} steps; an AR step emits one token per row, a self-speculative step "
+            "1 to k + 1. Each operator counted once, outermost; host = the step's wall time less its operators' (the "
+            "profiler's recording adds to it, and a little to the operators' time: the last rows take the step without "
+            "it). Compiled, a one-row linear layer is a reduction that inductor fuses with the norms, RoPE and cache "
+            "writes around it (after the last layer: the head and its argmax): the profiler cannot tell those apart.\n"]
 
 
 def memory_report(rows: list[dict], weights: int) -> list[str]:

@@ -542,3 +542,68 @@ def test_sentencepiece_stand_in_for_llama_cpps_converter(tmp_path, capsys):
         peers.sentencepiece_stand_in(tmp_path / "small.model", 200)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--vocab_size 300" in lines[0]
+
+
+@pytest.mark.parametrize("name, shapes, expected", [
+    ("layerskip::linear", [[1, 32], [300, 32], [], [], []], "head"),  # the vocabulary's width
+    ("layerskip::linear", [[4, 32], [100, 32], [], [], []], "head"),  # the draft vocabulary's
+    ("layerskip::linear", [[1, 32], [96, 32], [], [], []], "linear"),
+    ("aten::linear", [[1, 1, 32], [300, 32], []], "head"),
+    ("aten::mm", [[1, 32], [32, 300]], "head"),  # x @ weight.t(): the width is the second's last dim
+    ("aten::mm", [[1, 300], [300, 32]], "linear"),
+    ("aten::_weight_int8pack_mm", [[1, 32], [64, 32], [64]], "linear"),
+    ("layerskip::attention", [[1, 2, 1, 16], [1, 2, 64, 16], [1, 2, 64, 16], [1, 1], []], "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", [[1, 2, 1, 16]], "attention"),
+    ("aten::index_put_", [[1, 2, 64, 16], [], [2, 16], []], "attention"),  # a KV-cache write
+    ("aten::argmax", [[1, 300], [], []], "sampling"),
+    ("aten::exponential_", [[1, 300], [], []], "sampling"),
+    ("aten::mean", [[1, 1, 32], [], [], []], "elementwise"),
+    ("aten::some_new_op", [[3]], "elementwise"),
+    ("graph_1_cpp_fused__to_copy_add_arange_argmax_div_eq_exponential_unsqueeze_zeros_like_8", [], "sampling"),
+    ("graph_0_cpp_fused_add_mean_mul_pow_rsqrt_0", [], "elementwise"),  # a norm: mul, no sum
+    ("graph_0_cpp_fused_add_mean_mul_pow_rsqrt_silu_sum_unsqueeze_view_1", [], "fused_linear"),  # (x * w).sum(-1)
+    ("Torch-Compiled Region: 0/0", [], None),  # scopes: their operators are counted
+    ("## Call CompiledFxGraph abc ##", [], None),
+    ("TorchDynamo Cache Lookup", [], None),
+])
+def test_work_kind(name, shapes, expected):
+    assert benchmark.work_kind(name, shapes, {300, 100}) == expected
+
+
+def test_kind_ms_counts_each_operator_once_and_sampling_after_the_head():
+    from types import SimpleNamespace
+    clock = iter(range(1000))
+
+    def event(name, us, shapes=(), children=()):
+        return SimpleNamespace(name=name, cpu_time_total=us, input_shapes=list(shapes), cpu_children=list(children),
+                               time_range=SimpleNamespace(start=next(clock)))
+    step = [event("aten::embedding", 10),
+            event("aten::linear", 100, [[1, 32], [96, 32]], [event("aten::mm", 90, [[1, 32], [32, 96]])]),
+            event("aten::mul", 5),  # before the head: elementwise
+            event("aten::linear", 200, [[1, 32], [300, 32]], [event("aten::mm", 190, [[1, 32], [32, 300]])]),
+            event("aten::div", 7), event("aten::argmax", 3)]  # after it: sampling, until the next pass embeds its tokens
+    wrapper = event("Torch-Compiled Region: 0/0", 500, children=[event("graph_0_cpp_fused_embedding_mean_mul_pow_0", 20),
+                                                                 event("layerskip::attention", 30)])
+    ms = benchmark.kind_ms(step + [wrapper], {300}, wall_ms=2.0, steps=2)
+    assert ms == pytest.approx({"linear": 0.05, "head": 0.1, "fused_linear": 0.0, "attention": 0.015,
+                                "elementwise": 0.005 + 0.0025 + 0.01, "sampling": 0.005, "host": 1.0 - 0.1875})
+
+
+def test_profile_by_kind_of_work_at_each_batch_size(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    benchmark.main(["--synthetic", "--vocab_size", "300", "--dim", "32", "--n_layer", "4", "--n_head", "2",
+                    "--intermediate_size", "64", "--prompt_length", "5", "--num_prompts", "2", "--late_scales", "0",
+                    "--profile", "--batch_size", "1,2", "--output", str(out)] + FAST[:6] + ["--draft_layers", "1",
+                                                                                          "--speculate_k", "3"])
+    cases = json.loads(out.read_text())["profile_kinds"]
+    assert list(cases) == ["AR, batch 1", "k=3, batch 1", "AR, batch 2", "k=3, batch 2"]
+    for name, case in cases.items():
+        ms = case["ms"]
+        assert set(ms) == set(benchmark.KINDS) and all(v >= 0 for v in ms.values()), (name, ms)
+        assert sum(ms.values()) == pytest.approx(case["step_ms"], rel=1e-9)  # host is the rest of the wall time
+        assert 0 < sum(v for kind, v in ms.items() if kind != "host") <= case["step_ms"]
+        assert ms["linear"] > 0 and ms["head"] > 0 and ms["attention"] > 0 and ms["sampling"] > 0, (name, ms)
+        assert ms["fused_linear"] == 0  # eager: no compiled kernels
+        assert case["step_ms_without_profiler"] > 0
+    stdout = capsys.readouterr().out
+    assert "One step by kind of work (eager" in stdout and "| k=3, batch 2: ms | share |" in stdout
