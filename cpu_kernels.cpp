@@ -22,6 +22,10 @@
 #include <cstring>
 #include <vector>
 
+// Channels a thread's tile holds, and columns of a block of packed int4 weights (pack_int4).
+constexpr int CHANNELS = 4;
+constexpr int64_t BLOCK = 128;
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 namespace avx512 {
@@ -45,7 +49,7 @@ namespace avx512_vnni {  // only the int4 kernel: the others have no use for VNN
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 #define LANES 8
 #define VNNI 0
@@ -55,18 +59,18 @@ namespace avx2 {
 }  // namespace avx2
 #pragma GCC pop_options
 
-// 3: AVX-512 (F, BW, VL, DQ) with VNNI, 2: without, 1: AVX2 with FMA, 0: none of them (the caller
+// 3: AVX-512 (F, BW, VL, DQ) with VNNI, 2: without, 1: AVX2 with FMA and F16C, 0: none of them (the caller
 // keeps PyTorch's kernels).
 int64_t supported_isa() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
         return __builtin_cpu_supports("avx512vnni") ? 3 : 2;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") ? 1 : 0;
 }
 
-// x (M, K) float32; weight (N, K) float32 / bfloat16 / int8 with scales (N,) float32, or uint8 (N, K / 2)
-// int4 codes with scales (N, K / group, 2) float32 holding (scale, zero - 8 scale). Returns (M, N) float32.
+// x (M, K) float32; weight (N, K) float32 / bfloat16 / int8 with scales (N,) float32, or int4 codes and
+// scales packed by cpu_kernels.pack_int4 (uint8, no scales). Returns (M, N) float32.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales,
                   int64_t group, int64_t isa) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous (M, K) float32");
@@ -75,9 +79,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     const int64_t K = x.size(1), N = weight.size(0);
     const auto kind = weight.scalar_type();
     if (kind == at::kByte) {
-        TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0 && K % group == 0 && weight.size(1) * 2 == K, "int4: bad group or shape");
-        TORCH_CHECK(scales && scales->scalar_type() == at::kFloat && scales->is_contiguous() &&
-                    scales->numel() == N * (K / group) * 2, "int4: scales (N, K / group, 2) float32");
+        // pack_int4's layout: N x (bytes per channel) in name, the storage holds whole tiles and 16 bytes more
+        const int64_t blocks = (K + BLOCK - 1) / BLOCK, per_channel = blocks * (BLOCK / 2 + 4 * std::max<int64_t>(1, BLOCK / group));
+        TORCH_CHECK(group >= 32 && group <= 256 && (group & (group - 1)) == 0 && K % group == 0 &&
+                    weight.size(1) == per_channel && !scales, "int4: not packed by pack_int4 for this group and K");
+        TORCH_CHECK(int64_t(weight.storage().nbytes()) - weight.storage_offset() >= (N + CHANNELS - 1) / CHANNELS * CHANNELS * per_channel + 16,
+                    "int4: the packed storage is short");
     } else {
         TORCH_CHECK(kind == at::kFloat || kind == at::kBFloat16 || kind == at::kChar, "weight dtype");
         TORCH_CHECK(weight.size(1) == K, "weight and x differ in K");
@@ -86,7 +93,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     }
     at::Tensor y = at::empty({x.size(0), N}, x.options());
     at::Tensor s = scales ? scales->contiguous() : at::Tensor();
-    if (isa == 3 && kind == at::kByte) avx512_vnni::run_int4(x, weight, s, group, y);
+    if (isa == 3 && kind == at::kByte) avx512_vnni::run_int4(x, weight, group, y);
     else if (isa >= 2) avx512::run(x, weight, s, group, y);
     else avx2::run(x, weight, s, group, y);
     return y;
@@ -152,10 +159,9 @@ static inline ivec iload(const void* p) { return _mm512_loadu_si512(p); }
 static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 static inline vec vcvt(ivec a) { return _mm512_cvtepi32_ps(a); }
 static inline ivec nibbles(ivec bytes, int shift) { return _mm512_and_si512(_mm512_srli_epi16(bytes, shift), _mm512_set1_epi8(15)); }
-static inline ivec load_bytes(const uint8_t* p, int64_t n) {  // n of the 4 * LANES bytes, the others 0
-    return _mm512_maskz_loadu_epi8(n >= 64 ? ~0ULL : (1ULL << n) - 1, p);
+static inline vec load_halves(const uint16_t* p) {  // 8 float16 as the first 8 lanes
+    return _mm512_cvtph_ps(_mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
-static inline vec load_floats(const float* p, int n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p); }
 static inline vec lookup(ivec index, vec table) { return _mm512_permutexvar_ps(index, table); }
 static inline ivec lane_index(const int* p) { return _mm512_loadu_si512(p); }
 // Lane j: the sum of the 4 products of bytes 4j..4j+3 of u (unsigned) and s (signed), for both pairs.
@@ -193,23 +199,13 @@ static inline ivec iload(const void* p) { return _mm256_loadu_si256(reinterpret_
 static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 static inline vec vcvt(ivec a) { return _mm256_cvtepi32_ps(a); }
 static inline ivec nibbles(ivec bytes, int shift) { return _mm256_and_si256(_mm256_srli_epi16(bytes, shift), _mm256_set1_epi8(15)); }
-static inline ivec load_bytes(const uint8_t* p, int64_t n) {  // n of the 4 * LANES bytes, the others 0
-    if (n >= 32) return iload(p);
-    alignas(32) uint8_t part[32] = {};
-    std::memcpy(part, p, n);
-    return iload(part);
-}
-static inline vec load_floats(const float* p, int n) {
-    const __m256i lanes = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
-    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes));
-}
+static inline vec load_halves(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 static inline vec lookup(ivec index, vec table) { return _mm256_permutevar8x32_ps(table, index); }
 static inline ivec lane_index(const int* p) { return iload(p); }
 static inline ivec dot4(ivec u, ivec s, ivec u2, ivec s2) {  // as on AVX-512 without VNNI
     return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u, s), _mm256_maddubs_epi16(u2, s2)), _mm256_set1_epi16(1));
 }
 #endif
-constexpr int CHANNELS = 4;
 constexpr int64_t ROW_BLOCK = 64;  // rows whose partial sums a thread keeps at once
 
 // The output channels split over the threads in tiles of CHANNELS, the rows in blocks of ROW_BLOCK:
@@ -330,17 +326,24 @@ static void linear(const Weight& wt, const float* x, int64_t M, int64_t K, int64
 // sum(x). The integer sums are exact and each (row, channel) adds its floats in one order, so a
 // row's result still does not depend on the rows beside it.
 //
-// A chunk of CHUNK = 8 * LANES columns of one channel is 4 * LANES bytes of codes: their high
-// nibbles are the chunk's even columns, their low nibbles its odd ones. Lane j of a dot product sums
-// 4 bytes of each, columns 8j to 8j + 7 of the chunk, which lie in one block of 32 and in one group.
-// The activations are laid out to match: per row and chunk, the codes of its even columns, then of
-// its odd ones, and per lane its block's d and the sum of its 8 columns of x.
+// The weights are packed at load (cpu_kernels.pack_int4) so that a thread reads one stream of
+// memory: per tile of CHANNELS channels and per block of BLOCK columns, the tile's codes (BLOCK / 2
+// bytes a channel; high nibbles the even columns, low nibbles the odd ones), then its (scale,
+// shifted zero) pairs in float16, `pairs` = max(1, BLOCK / group) a channel. Reading tiles of
+// separate rows of codes and scales (8 streams a core) ran at half the rate of one stream here.
+//
+// A chunk of CHUNK = 8 * LANES columns (one block on AVX-512, half of one on AVX2) of a channel is
+// 4 * LANES bytes of codes. Lane j of a dot product sums 4 bytes of each nibble half, columns 8j to
+// 8j + 7 of the chunk, which lie in one block of 32 and in one group. The activations are laid out
+// to match: per row and chunk, the codes of its even columns, then of its odd ones, and per lane
+// its block's d and the sum of its 8 columns of x.
 constexpr int64_t CHUNK = 8 * LANES;
+constexpr int HALVES = BLOCK / CHUNK;
 
 struct Int4Product {
-    const uint8_t* w; const float* scales; int64_t K, groups, group_shift, chunks;
+    const uint8_t* w; int64_t K, blocks, block_bytes, pairs, chunks;
     const int8_t* q; const float* d; const float* xsum;  // the activations
-    int lane_scale[LANES], lane_zero[LANES];             // lane j's scale and zero among the chunk's (scale, zero) pairs
+    int lane_scale[HALVES][LANES], lane_zero[HALVES][LANES];  // lane j's scale and zero among a channel's pairs
 };
 
 static void quantize_activations(const float* x, int64_t M, int64_t K, int64_t chunks, int8_t* q, float* d, float* xsum) {
@@ -371,60 +374,57 @@ static void quantize_activations(const float* x, int64_t M, int64_t K, int64_t c
     });
 }
 
-// Every chunk of C channels from n0, against rows [m0, m0 + rows): each chunk's codes are unpacked
-// once for all the rows.
-template <int C>
-static inline void int4_channels(const Int4Product& p, int64_t n0, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) {
-    const ivec scale_index = lane_index(p.lane_scale), zero_index = lane_index(p.lane_zero);
-    for (int64_t c = 0; c < p.chunks; c++) {
-        const int64_t k = c * CHUNK, columns = std::min(CHUNK, p.K - k);
-        const int pairs = int(std::max<int64_t>(1, columns >> p.group_shift));  // groups in the chunk
-        ivec high[C], low[C];
-        vec scale[C], zero[C];
-        for (int i = 0; i < C; i++) {
-            const ivec bytes = load_bytes(p.w + ((n0 + i) * p.K + k) / 2, columns / 2);
-            high[i] = nibbles(bytes, 4);
-            low[i] = nibbles(bytes, 0);
-            const vec table = load_floats(p.scales + ((n0 + i) * p.groups + (k >> p.group_shift)) * 2, 2 * pairs);
-            scale[i] = lookup(scale_index, table);  // lanes past K: 0, as their activations
-            zero[i] = lookup(zero_index, table);
-        }
-        for (int64_t r = 0; r < rows; r++) {
-            const int64_t at = (m0 + r) * p.chunks + c;
-            const ivec even = iload(p.q + at * CHUNK), odd = iload(p.q + at * CHUNK + CHUNK / 2);
-            const vec d = vload(p.d + at * LANES), xsum = vload(p.xsum + at * LANES);
+// The tile of channels from n0 against rows [m0, m0 + rows): each chunk's codes are unpacked once
+// for all the rows. A tile past the last channel holds zeros; its sums are not written.
+static inline void int4_tile(const Int4Product& p, int64_t n0, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) {
+    const uint8_t* block = p.w + n0 / CHANNELS * p.blocks * p.block_bytes;
+    for (int64_t b = 0; b < p.blocks; b++, block += p.block_bytes) {
+        const uint16_t* pairs = reinterpret_cast<const uint16_t*>(block + CHANNELS * BLOCK / 2);
+        for (int h = 0; h < HALVES; h++) {
+            const int64_t c = b * HALVES + h;
+            const ivec scale_index = lane_index(p.lane_scale[h]), zero_index = lane_index(p.lane_zero[h]);
+            ivec high[CHANNELS], low[CHANNELS];
+            vec scale[CHANNELS], zero[CHANNELS];
+            for (int i = 0; i < CHANNELS; i++) {
+                const ivec bytes = iload(block + i * BLOCK / 2 + h * CHUNK / 2);
+                high[i] = nibbles(bytes, 4);
+                low[i] = nibbles(bytes, 0);
+                const vec table = load_halves(pairs + i * 2 * p.pairs);
+                scale[i] = lookup(scale_index, table);
+                zero[i] = lookup(zero_index, table);
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                const int64_t at = (m0 + r) * p.chunks + c;
+                const ivec even = iload(p.q + at * CHUNK), odd = iload(p.q + at * CHUNK + CHUNK / 2);
+                const vec d = vload(p.d + at * LANES), xsum = vload(p.xsum + at * LANES);
 #pragma GCC unroll 4
-            for (int i = 0; i < C; i++) {
-                const vec products = vmul(vcvt(dot4(high[i], even, low[i], odd)), d);
-                sums[r][i] = vfma(products, scale[i], vfma(zero[i], xsum, sums[r][i]));
+                for (int i = 0; i < CHANNELS; i++) {
+                    const vec products = vmul(vcvt(dot4(high[i], even, low[i], odd)), d);
+                    sums[r][i] = vfma(products, scale[i], vfma(zero[i], xsum, sums[r][i]));
+                }
             }
         }
     }
 }
 
-// x (M, K) float32, codes (N, K / 2) uint8, scales (N, K / group, 2) float32 of (scale, shifted zero).
-static void run_int4(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group, at::Tensor& y) {
-    const int64_t M = x.size(0), K = x.size(1), N = y.size(1), chunks = (K + CHUNK - 1) / CHUNK;
+// x (M, K) float32 against the packed weight of N channels (pack_int4).
+static void run_int4(const at::Tensor& x, const at::Tensor& weight, int64_t group, at::Tensor& y) {
+    const int64_t M = x.size(0), K = x.size(1), N = y.size(1), blocks = (K + BLOCK - 1) / BLOCK;
+    const int64_t pairs = std::max<int64_t>(1, BLOCK / group), chunks = blocks * HALVES;
     at::Tensor q = at::empty({M * chunks * CHUNK}, x.options().dtype(at::kChar));
     at::Tensor d = at::empty({2, M * chunks * LANES}, x.options());
-    Int4Product p{weight.data_ptr<uint8_t>(), scales.data_ptr<float>(), K, K / group, __builtin_ctzll(group), chunks,
+    Int4Product p{weight.data_ptr<uint8_t>(), K, blocks, CHANNELS * (BLOCK / 2 + 4 * pairs), pairs, chunks,
                   q.data_ptr<int8_t>(), d.data_ptr<float>(), d.data_ptr<float>() + M * chunks * LANES, {}, {}};
-    for (int j = 0; j < LANES; j++) {
-        const int pair = group <= CHUNK ? (8 * j) >> p.group_shift : 0;
-        p.lane_scale[j] = 2 * pair;
-        p.lane_zero[j] = 2 * pair + 1;
-    }
+    for (int h = 0; h < HALVES; h++)
+        for (int j = 0; j < LANES; j++) {
+            const int pair = group <= BLOCK ? int((h * CHUNK + 8 * j) / group) : 0;
+            p.lane_scale[h][j] = 2 * pair;
+            p.lane_zero[h][j] = 2 * pair + 1;
+        }
     quantize_activations(x.data_ptr<float>(), M, K, chunks, q.data_ptr<int8_t>(), d.data_ptr<float>(),
                          d.data_ptr<float>() + M * chunks * LANES);
     float* yp = y.data_ptr<float>();
-    auto add = [&](int64_t n0, int channels, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) {
-        switch (channels) {
-            case 4: int4_channels<4>(p, n0, m0, rows, sums); break;
-            case 3: int4_channels<3>(p, n0, m0, rows, sums); break;
-            case 2: int4_channels<2>(p, n0, m0, rows, sums); break;
-            default: int4_channels<1>(p, n0, m0, rows, sums); break;
-        }
-    };
+    auto add = [&](int64_t n0, int, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) { int4_tile(p, n0, m0, rows, sums); };
     over_tiles(M, N, add, [&](int64_t m, int64_t n, vec sum) { yp[m * N + n] = vsum(sum); });
 }
 
@@ -437,7 +437,7 @@ static void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
         case at::kFloat: linear(Float32Weight{weight.data_ptr<float>(), K}, xp, M, K, N, yp); break;
         case at::kBFloat16: linear(BFloat16Weight{reinterpret_cast<const uint16_t*>(weight.data_ptr()), K}, xp, M, K, N, yp); break;
         case at::kChar: linear(Int8Weight{weight.data_ptr<int8_t>(), scales.data_ptr<float>(), K}, xp, M, K, N, yp); break;
-        default: run_int4(x, weight, scales, group, y);
+        default: run_int4(x, weight, group, y);
     }
 }
 

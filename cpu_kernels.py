@@ -1,20 +1,21 @@
 """The engine's own CPU kernels (cpu_kernels.cpp), built at first use.
 
-    python cpu_kernels.py   # GB/s of weight bytes of one 8192 x 2048 layer, these kernels and PyTorch's
+    python cpu_kernels.py   # GB/s of weight bytes of one 8192 x 2048 layer from memory, these kernels and PyTorch's
 
 torch.ops.layerskip.linear, for float32, bfloat16, int8 (a scale per output channel) and int4 (a
 scale and a zero per group) weights and float32 activations: each block of weight rows is read from
 memory once and applied to every row of the input, so a pass over k + 1 or B rows costs about what
 one row costs until the arithmetic catches up with the memory. int4 layers round their input to 8
 bits in blocks of 32 columns (as llama.cpp's Q8_0 does) and multiply with integer dot products, a
-quarter of the float arithmetic.
+quarter of the float arithmetic; their codes and float16 scales are packed at load into one stream
+per tile of channels (pack_int4), 5 bits a weight at groups of 32.
 
 torch.ops.layerskip.attention, for the decoding steps: each query over the filled part of its row's
 cache, in one order whatever queries, rows and cache length come with it. PyTorch's attention
 blocks its sums by all three; rounding activations to 8 bits would turn those last-bit differences
 into different tokens between a verify pass, a batch and a lone step.
 
-Compiled for AVX-512 (with and without VNNI) and for AVX2 and chosen at run time; where they cannot
+Compiled for AVX-512 (with and without VNNI) and for AVX2 (with FMA and F16C) and chosen at run time; where they cannot
 be built (no compiler, no ninja) the model keeps PyTorch's kernels and one line on stderr says so.
 They are ops of their own, so a compiled step stays one graph and reads the one copy of the weights
 the model holds.
@@ -65,7 +66,7 @@ def enable(force: Optional[str] = None) -> str:
         torch.library.register_fake("layerskip::attention")(lambda q, k, v, input_pos, isa: torch.empty_like(q))
         supported = {level: name for name, level in ISAS.items()}.get(module.supported_isa(), "")
         if not supported:
-            print("cpu kernels: this CPU has neither AVX-512 nor AVX2 with FMA: using PyTorch's", file=sys.stderr)
+            print("cpu kernels: this CPU has neither AVX-512 nor AVX2 with FMA and F16C: using PyTorch's", file=sys.stderr)
     if force is not None and ISAS[force] > ISAS.get(supported, 0):
         raise ValueError(f"this CPU cannot run the {force} kernels")
     isa = supported if force is None else force
@@ -86,12 +87,40 @@ def ready() -> bool:
 
 def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: int = 0) -> Tensor:
     """x (..., K) in any float dtype against weight (N, K) float32 / bfloat16 / int8 with scales (N,),
-    or int4 codes (N, K / 2) with scales (N, K / group, 2) float32 of (scale, zero - 8 scale), which
-    meet x rounded to 8 bits per block of 32 columns; returns (..., N) in x's dtype. The sums are
-    float32."""
+    or int4 weights packed by pack_int4 (no scales), which meet x rounded to 8 bits per block of 32
+    columns; returns (..., N) in x's dtype. The sums are float32."""
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
     out = torch.ops.layerskip.linear(rows, weight, scales, group, ISAS[isa])
     return out.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+
+INT4_TILE, INT4_BLOCK = 4, 128  # channels and columns of a packed block (cpu_kernels.cpp: CHANNELS, BLOCK)
+
+
+def pack_int4(codes: Tensor, scales_and_zeros: Tensor, group: int) -> Tensor:
+    """int4 codes (N, K / 2), two a byte (high nibble first), and scales_and_zeros (K / group, N, 2)
+    of (scale, zero) with W = (code - 8) * scale + zero, as quantize.py writes them, in the kernel's
+    layout: per tile of 4 channels and block of 128 columns, the 4 channels' 64 bytes of codes, then
+    their (scale, zero - 8 scale) pairs in float16, max(1, 128 / group) a channel, so that a product
+    reads one stream of memory. Returns a uint8 (N, bytes per channel) view of a storage that also
+    holds the last tile's missing channels (zeros) and 16 bytes the kernel may read past the end."""
+    n, half = codes.shape
+    tiles, blocks, pairs = -(-n // INT4_TILE), -(-2 * half // INT4_BLOCK), max(1, INT4_BLOCK // group)
+    padded = torch.zeros(tiles * INT4_TILE, blocks * INT4_BLOCK // 2, dtype=torch.uint8)
+    padded[:n, :half] = codes
+    scale, zero = scales_and_zeros.float().unbind(-1)  # (K / group, N) each
+    table = torch.stack([scale, zero - 8 * scale], dim=-1).transpose(0, 1)  # (N, K / group, 2)
+    if group > INT4_BLOCK:  # a group spans several blocks: each block holds its group's pair
+        table = table.repeat_interleave(group // INT4_BLOCK, dim=1)
+    half_table = torch.zeros(tiles * INT4_TILE, blocks * pairs, 2, dtype=torch.float16)
+    half_table[:n, :table.shape[1]] = table.half()  # the columns past K: scale and zero 0
+    per_block = [padded.view(tiles, INT4_TILE, blocks, INT4_BLOCK // 2),
+                 half_table.view(torch.uint8).view(tiles, INT4_TILE, blocks, 4 * pairs)]
+    data = torch.cat([part.transpose(1, 2).reshape(tiles, blocks, -1) for part in per_block], dim=-1).flatten()
+    storage = torch.zeros(data.numel() + 16, dtype=torch.uint8)
+    storage[:data.numel()] = data
+    per_channel = blocks * (INT4_BLOCK // 2 + 4 * pairs)
+    return storage[:n * per_channel].view(n, per_channel)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
@@ -104,6 +133,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
 
 def main() -> None:
     import argparse
+    import itertools
     import time
     import torch.nn.functional as F
     from quantize import quantize_int4, quantize_int8
@@ -137,34 +167,44 @@ def main() -> None:
     w = torch.randn(N, K) / K ** 0.5
     codes8, scales8 = quantize_int8(w)
     codes4, sz = quantize_int4(w, 32)
-    shifted = torch.stack([sz[..., 0], sz[..., 1] - 8 * sz[..., 0]], dim=-1).transpose(0, 1).contiguous()
-    wb = w.bfloat16()
-    weights = {"float32": (w, None, 0), "bfloat16": (wb, None, 0), "int8": (codes8, scales8, 0), "int4 g32": (codes4, shifted, 32)}
+    nibbles = torch.stack([codes4 >> 4, codes4 & 15], dim=-1).view(N, -1).to(torch.int32)
+    int4pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    # name -> (a copy of the weights, the product of x with such a copy); bytes: every byte a copy holds
+    kernels = {"own float32": (lambda: w.clone(), lambda x, c: linear(x, c)),
+               "own bfloat16": (lambda: w.bfloat16(), lambda x, c: linear(x, c)),
+               "own int8": (lambda: (codes8.clone(), scales8.clone()), lambda x, c: linear(x, *c)),
+               "own int4 g32 (float16 scales)": (lambda: pack_int4(codes4, sz, 32), lambda x, c: linear(x, c, None, 32))}
+    if args.pytorch:
+        kernels |= {
+            "F.linear float32": (lambda: w.clone(), lambda x, c: F.linear(x, c)),
+            "F.linear bfloat16": (lambda: w.bfloat16(), lambda x, c: F.linear(x.bfloat16(), c)),
+            "_weight_int8pack_mm (bf16 x)": (lambda: (codes8.clone(), scales8.bfloat16()),
+                                             lambda x, c: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), *c)),
+            "_weight_int4pack_mm_for_cpu g32 (bf16 x, bf16 scales)": (
+                lambda: (int4pack(nibbles, 8), sz.bfloat16()),
+                lambda x, c: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), c[0], 32, c[1]))}
+
+    def nbytes(copy) -> int:
+        return sum(t.nbytes for t in (copy if isinstance(copy, tuple) else (copy,)))
+
     big, target = torch.ones(2**26), torch.zeros(2**26)
-    print(f"{N} x {K}, isa {isa}, torch {torch.__version__}; GB/s of weight bytes, median of 30 calls "
-          f"({'thread CPU time' if args.cpu_time else 'wall clock'})")
+    print(f"{N} x {K}, isa {isa}, torch {torch.__version__}; GB/s of weight bytes (scales included), median of "
+          f"30 calls ({'thread CPU time' if args.cpu_time else 'wall clock'}), each call on the next of copies of "
+          f"the weights that fill 256 MB together: read from memory, not from the cache")
     for threads in args.threads:
         torch.set_num_threads(threads)
         copy = 2 * big.nbytes / seconds(lambda: target.copy_(big), 10) / 1e9
         print(f"\n{threads} thread(s); a 256 MB copy: {copy:.1f} GB/s (read + write)")
         print("| kernel | " + " | ".join(f"M={m}" for m in args.rows) + " |")
-        table = {}
-        for M in args.rows:
-            x = torch.randn(M, K)
-            for name, (wt, scales, group) in weights.items():
-                table.setdefault(f"own {name}", []).append(wt.nbytes / seconds(lambda: linear(x, wt, scales, group)))
-            if args.pytorch:
-                xb, nibbles = x.bfloat16(), torch.stack([codes4 >> 4, codes4 & 15], dim=-1).view(N, -1)
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles.to(torch.int32), 8)
-                table.setdefault("F.linear float32", []).append(w.nbytes / seconds(lambda: F.linear(x, w)))
-                table.setdefault("F.linear bfloat16", []).append(wb.nbytes / seconds(lambda: F.linear(xb, wb)))
-                table.setdefault("_weight_int8pack_mm (bf16 x)", []).append(codes8.nbytes / seconds(
-                    lambda: torch.ops.aten._weight_int8pack_mm(xb, codes8, scales8.bfloat16())))
-                table.setdefault("_weight_int4pack_mm_for_cpu g32 (bf16 x)", []).append(codes4.nbytes / seconds(
-                    lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, 32, sz.bfloat16())))
-        for name, row in table.items():
+        for name, (make, product) in kernels.items():
+            first = make()
+            copies = itertools.cycle([first] + [make() for _ in range(2 ** 28 // nbytes(first))])
+            row = []
+            for M in args.rows:
+                x = torch.randn(M, K)
+                row.append(nbytes(first) / seconds(lambda: product(x, next(copies))))
+            del copies
             print(f"| {name} | " + " | ".join(f"{b / 1e9:.1f}" for b in row) + " |")
-
 
 if __name__ == "__main__":
     main()

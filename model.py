@@ -341,15 +341,13 @@ class Int4Linear(nn.Module):
 
     def pack(self) -> None:
         """Once, after the model is on its device and in its dtype: the kernels' own weight layout.
-        The engine's CPU kernel takes the codes as they are, and the scales per output channel
-        (out_features, groups, 2) in float32 as (scale, zero - 8 scale). PyTorch's kernels want
-        their packing, with the rows padded to a multiple of 16 on CPU, 8 on CUDA."""
+        The engine's CPU kernel takes codes and scales in one stream (cpu_kernels.pack_int4, float16
+        scales). PyTorch's kernels want their packing, with the rows padded to a multiple of 16 on
+        CPU, 8 on CUDA."""
         codes, on_cpu = self.codes, self.codes.device.type == "cpu"
         if on_cpu and cpu_kernels.ready():
-            scale, zero = self.scales_and_zeros.float().unbind(-1)
-            self.scales_and_zeros = torch.stack([scale, zero - 8 * scale], dim=-1).transpose(0, 1).contiguous()
-            self.register_buffer("packed", self.codes)
-            del self.codes
+            self.register_buffer("packed", cpu_kernels.pack_int4(codes, self.scales_and_zeros, self.groupsize))
+            del self.codes, self.scales_and_zeros
             self.own_kernel = True
             return
         pad = -self.out_features % (16 if on_cpu else 8)
@@ -366,7 +364,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.own_kernel:
-            return cpu_kernels.linear(x, self.packed, self.scales_and_zeros, self.groupsize)
+            return cpu_kernels.linear(x, self.packed, None, self.groupsize)
         rows = x.reshape(-1, self.in_features).contiguous()
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu if x.device.type == "cpu" else torch.ops.aten._weight_int4pack_mm
         out = mm(rows, self.packed, self.groupsize, self.scales_and_zeros)

@@ -33,37 +33,38 @@ def isa(request, monkeypatch):
     return request.param
 
 
-def kernel_weights(kind: str, rows: int, columns: int) -> tuple[torch.Tensor, tuple]:
-    """A random weight of this kind: (the float weight it stands for, the kernel's arguments)."""
+def kernel_weights(kind: str, rows: int, columns: int) -> tuple[torch.Tensor, tuple, torch.Tensor]:
+    """A random weight of this kind: (the weight it stands for in float64, the kernel's arguments,
+    for int4 the shifted zero of each column)."""
     w = torch.randn(rows, columns) / columns ** 0.5
     if kind == "float32":
-        return w, (w, None, 0)
+        return w.double(), (w, None, 0), None
     if kind == "bfloat16":
-        return w.bfloat16().float(), (w.bfloat16(), None, 0)
+        return w.bfloat16().double(), (w.bfloat16(), None, 0), None
     if kind == "int8":
         codes, scales = quantize.quantize_int8(w)
-        return quantize.dequantize_int8(codes, scales), (codes, scales, 0)
+        return quantize.dequantize_int8(codes, scales).double(), (codes, scales, 0), None
     group = int(kind.removeprefix("int4 g"))
     codes, sz = quantize.quantize_int4(w, group)
-    shifted = torch.stack([sz[..., 0], sz[..., 1] - 8 * sz[..., 0]], dim=-1).transpose(0, 1).contiguous()
-    return quantize.dequantize_int4(codes, sz, group), (codes, shifted, group)
+    scale, zero = sz.unbind(-1)  # what pack_int4 keeps: scale and zero - 8 scale, in float16
+    scale, shifted = (t.t().half().double().repeat_interleave(group, dim=1) for t in (scale, zero - 8 * scale))
+    nibbles = torch.stack([codes >> 4, codes & 15], dim=-1).view(rows, columns).double()
+    return nibbles * scale + shifted, (cpu_kernels.pack_int4(codes, sz, group), None, group), shifted
 
 
 KINDS = ["float32", "bfloat16", "int8"] + [f"int4 g{g}" for g in quantize.GROUP_SIZES]
 ROWS = (1, 2, 3, 7, 8, 9, 33, 64)
 
 
-def int4_reference(x: torch.Tensor, w: torch.Tensor, args: tuple) -> torch.Tensor:
+def int4_reference(x: torch.Tensor, w: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """What the int4 kernel computes, in float64: x rounded as the kernel rounds it (blocks of 32
     columns, d = max |x| / 127, q = round(x * (127 / max |x|)), in float32) against code * scale,
     and x as it is against the shifted zero."""
-    _, shifted, group = args
     blocks = x.view(x.shape[0], -1, 32)
     most = blocks.abs().amax(-1, keepdim=True)
     q = torch.round(blocks * torch.where(most > 0, 127 / most, 0))
     rounded = (q * (most / 127)).view_as(x).double()
-    zero = shifted[..., 1].double().repeat_interleave(group, dim=1)
-    return rounded @ (w.double() - zero).t() + x.double() @ zero.t()
+    return rounded @ (w - zero).t() + x.double() @ zero.t()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -73,19 +74,20 @@ def test_each_kernel_equals_a_float64_product_of_its_weights(isa, kind):
     that end in part of a chunk of 8 vector lanes (352: 96 of 128 on AVX-512, 32 of 64 on AVX2; 320:
     64 of 128, for groups of 64); every row count of ROWS, which are and are not multiples of the row
     tiles (4 rows on AVX-512, 2 on AVX2).
-    int4 is held to the product of x rounded to 8 bits as the kernel rounds it (int4_reference).
+    int4 is held to the product of x rounded to 8 bits as the kernel rounds it (int4_reference), with
+    the float16 scales and zeros it is packed with.
     Tolerance: 1e-5 of sum |x| |w| per output (float32 accumulation over at most 512 products
     rounds to ~1e-6 of it; a wrong or missing term is of the order of the output itself)."""
     torch.manual_seed(0)
     for out_features, in_features in ((64, 512), (37, 512), (37, 100), (37, 352), (37, 320)):
         if kind.startswith("int4") and in_features % int(kind.removeprefix("int4 g")):
             continue
-        w, args = kernel_weights(kind, out_features, in_features)
+        w, args, zero = kernel_weights(kind, out_features, in_features)
         for rows in ROWS:
             x = torch.randn(rows, in_features)
             got = cpu_kernels.linear(x, *args)
-            expected = int4_reference(x, w, args) if kind.startswith("int4") else x.double() @ w.double().t()
-            bound = 1e-5 * (x.double().abs() @ w.double().abs().t())
+            expected = int4_reference(x, w, zero) if kind.startswith("int4") else x.double() @ w.t()
+            bound = 1e-5 * (x.double().abs() @ w.abs().t())
             assert got.dtype == torch.float32 and got.shape == (rows, out_features)
             assert ((got.double() - expected).abs() <= bound).all(), (kind, out_features, in_features, rows)
 
@@ -95,7 +97,7 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(isa, kind):
     """Bit for bit: each of 33 rows computed alone, in its row tile and in the whole, so that a
     verify pass over k + 1 rows and a batch give each row what one row gives it."""
     torch.manual_seed(1)
-    _, args = kernel_weights(kind, 37, 256)
+    _, args, _ = kernel_weights(kind, 37, 256)
     x = torch.randn(33, 256)
     whole = cpu_kernels.linear(x, *args)
     alone = torch.cat([cpu_kernels.linear(x[i:i + 1], *args) for i in range(33)])
@@ -186,35 +188,49 @@ import torch
 import cpu_kernels, quantize
 PAGE = mmap.PAGESIZE
 
-def before_a_guard_page(t):  # a copy of t that ends where an unreadable page begins
-    size = -(-t.nbytes // PAGE) * PAGE
+def before_a_guard_page(t):  # a copy of t's whole storage that ends where an unreadable page begins
+    nbytes = t.untyped_storage().nbytes()
+    size = -(-nbytes // PAGE) * PAGE
     memory = mmap.mmap(-1, size + PAGE)
     start = ctypes.addressof(ctypes.c_char.from_buffer(memory))
     assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(start + size), PAGE, 0) == 0  # PROT_NONE
-    copy = torch.frombuffer(memory, dtype=t.dtype, count=t.numel(), offset=size - t.nbytes).view(t.shape)
-    copy.copy_(t)
-    return copy
+    copy = torch.frombuffer(memory, dtype=torch.uint8, count=nbytes, offset=size - nbytes)
+    copy.copy_(torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()))
+    return copy[:t.numel()].view(t.shape)
 
 torch.manual_seed(0)
 cpu_kernels.enable()
 for isa in sys.argv[1:]:
     cpu_kernels.isa = isa
-    for out_features, in_features, group in ((37, 352, 32), (5, 320, 64), (3, 192, 64)):
+    for out_features, in_features, group in ((37, 352, 32), (5, 320, 64), (3, 192, 64), (6, 256, 256)):
         codes, sz = quantize.quantize_int4(torch.randn(out_features, in_features), group)
-        shifted = torch.stack([sz[..., 0], sz[..., 1] - 8 * sz[..., 0]], dim=-1).transpose(0, 1).contiguous()
-        guarded = cpu_kernels.linear(torch.randn(3, in_features), before_a_guard_page(codes), before_a_guard_page(shifted), group)
-        assert guarded.isfinite().all()
+        packed = cpu_kernels.pack_int4(codes, sz, group)
+        guarded = cpu_kernels.linear(torch.randn(3, in_features), before_a_guard_page(packed), None, group)
+        assert torch.equal(guarded.isfinite(), torch.ones_like(guarded, dtype=torch.bool))
 print("read nothing past the weights")
 """
 
 
-def test_int4_reads_nothing_past_its_codes_or_scales():
-    """The last chunk of a row may be part of one (K = 352 is 2.75 chunks of 128 columns on AVX-512,
-    5.5 of 64 on AVX2): with the codes and the scales each ending where an unreadable page begins,
-    a read past either of them ends the process (SIGSEGV)."""
+def test_int4_reads_nothing_past_its_packed_weights():
+    """The last block of 128 columns may be partly padding and the last tile of 4 channels partly
+    missing channels (K = 352, 320, 192; N = 37, 5, 3, 6); the kernel reads a channel's float16
+    pairs 16 bytes at a time: with the packed storage ending where an unreadable page begins, a read
+    past it ends the process (SIGSEGV)."""
     proc = subprocess.run([sys.executable, "-c", GUARDED, *ISAS], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0 and "read nothing past the weights" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
+def test_int4_refuses_weights_not_packed_for_it():
+    """Codes as the file holds them, a packing for another group size and a packed view without
+    its storage's padding: each a clear error, never a read past the tensor."""
+    codes, sz = quantize.quantize_int4(torch.randn(8, 256), 32)
+    packed = cpu_kernels.pack_int4(codes, sz, 32)
+    x = torch.randn(2, 256)
+    for weight, group, message in ((codes, 32, "not packed"), (packed, 64, "not packed"),
+                                   (packed.clone(), 32, "storage is short")):
+        with pytest.raises(RuntimeError, match=message):
+            cpu_kernels.linear(x, weight, None, group)
 
 
 def test_a_failed_build_says_so_in_one_line_and_keeps_pytorchs_kernels(tmp_path):

@@ -80,8 +80,10 @@ def test_packed_kernels_equal_a_float_matmul_of_the_dequantized_weight(dtype, ke
     the weight the codes and the layer's scales stand for. Tolerance: 1e-5 of the output's scale in
     float32 (accumulation order only), 1% in bfloat16 (the output rounded to 8 bits of mantissa);
     for int4 through the engine's kernel, which rounds x to 8 bits per block of 32 columns, also the
-    most that rounding can move an output: sum_k max|x in k's block| / 254 * |code_k * scale_k|
-    (test_kernels.py holds the kernel to the exact product of the rounded x)."""
+    most that rounding can move an output: sum_k max|x in k's block| / 254 * |code_k * scale_k|, and
+    the float16 it keeps the scale and the shifted zero in (pack_int4): 2^-11 of |code_k * scale_k| +
+    |zero_k - 8 scale_k| times |x_k| (test_kernels.py holds the kernel to the exact product of the
+    rounded x and the float16 scales)."""
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     w = weights("outliers", rows=40, columns=256)  # 40 rows: int4 pads them to 48 for the CPU kernel
     for kind, groupsize in [("int8", 0)] + [("int4", g) for g in quantize.GROUP_SIZES]:
@@ -90,10 +92,11 @@ def test_packed_kernels_equal_a_float_matmul_of_the_dequantized_weight(dtype, ke
             dequantized = quantize.dequantize_int8(layer.codes, layer.scales)
         else:
             dequantized = quantize.dequantize_int4(layer.codes, layer.scales_and_zeros, groupsize)
-        code_times_scale = torch.zeros_like(dequantized)
+        code_times_scale = shifted_zero = torch.zeros_like(dequantized)
         if kind == "int4":
             scale, zero = (layer.scales_and_zeros[..., i].float().t().repeat_interleave(groupsize, dim=1) for i in (0, 1))
-            code_times_scale = dequantized - (zero - 8 * scale)
+            shifted_zero = zero - 8 * scale
+            code_times_scale = dequantized - shifted_zero
             layer.pack()  # PyTorch's kernel: rows padded to 48; the engine's: none
             assert layer.packed.shape[0] == (48 if kernels == "pytorch" else 40) and not hasattr(layer, "codes")
         for rows in (1, 3, 8):
@@ -105,6 +108,7 @@ def test_packed_kernels_equal_a_float_matmul_of_the_dequantized_weight(dtype, ke
             if kernels == "own":
                 block_max = x.double().abs().view(2, rows, -1, 32).amax(-1).repeat_interleave(32, dim=-1)
                 bound = bound + block_max / 254 @ code_times_scale.double().abs().t()
+                bound = bound + 2 ** -11 * x.double().abs() @ (code_times_scale.abs() + shifted_zero.abs()).double().t()
             assert ((got.double() - expected).abs() <= bound).all(), (kind, groupsize, rows)
     # A layer whose input width the int8 kernel cannot take runs as a dequantizing matmul.
     layer = linear("int8", weights("random", rows=8, columns=40)).to(dtype)
