@@ -207,6 +207,15 @@ static inline ivec dot4(ivec u, ivec s, ivec u2, ivec s2) {  // as on AVX-512 wi
 }
 #endif
 constexpr int64_t ROW_BLOCK = 64;  // rows whose partial sums a thread keeps at once
+// Each block of weights asks for the memory PREFETCH bytes ahead of it in its stream: the hardware's
+// own prefetching alone left a core reading int4 weights at 15 GB/s, with this at 19-21 (two cores
+// 26 -> 26-32 GB/s). Prefetches never fault, so the last ones may point past the weights.
+constexpr int64_t PREFETCH = 4096;
+
+static inline void prefetch(const void* p, int64_t bytes) {
+    for (int64_t line = 0; line < bytes; line += 64)
+        _mm_prefetch(static_cast<const char*>(p) + PREFETCH + line, _MM_HINT_T0);
+}
 
 // The output channels split over the threads in tiles of CHANNELS, the rows in blocks of ROW_BLOCK:
 // add(n0, channels, m0, rows, sums) accumulates the vector sums of rows [m0, m0 + rows) x channels
@@ -232,12 +241,16 @@ static void over_tiles(int64_t M, int64_t N, const Add& add, const Finish& finis
 
 #if !VNNI
 // Each kind of weight: load(n, k) gives LANES weights of channel n from column k as floats, at(n, k)
-// one weight (the columns past the last full vector) and finish(n, sum) the channel's result.
+// one weight (the columns past the last full vector), finish(n, sum) the channel's result and
+// address(n, k) where weight (n, k) lies, `bytes` long, for the kinds whose rows are `prefetched`.
 struct Float32Weight {
     const float* w; int64_t K;
     vec load(int64_t n, int64_t k) const { return vload(w + n * K + k); }
     float at(int64_t n, int64_t k) const { return w[n * K + k]; }
     float finish(int64_t, float s) const { return s; }
+    const void* address(int64_t n, int64_t k) const { return w + n * K + k; }
+    static constexpr int64_t bytes = 4;
+    static constexpr bool prefetched = false;  // measured: 20 -> 12 GB/s on one core with prefetches
 };
 
 struct BFloat16Weight {
@@ -245,6 +258,9 @@ struct BFloat16Weight {
     vec load(int64_t n, int64_t k) const { return vload_bf16(w + n * K + k); }
     float at(int64_t n, int64_t k) const { uint32_t b = uint32_t(w[n * K + k]) << 16; float f; std::memcpy(&f, &b, 4); return f; }
     float finish(int64_t, float s) const { return s; }
+    const void* address(int64_t n, int64_t k) const { return w + n * K + k; }
+    static constexpr int64_t bytes = 2;
+    static constexpr bool prefetched = false;  // measured: no gain
 };
 
 struct Int8Weight {  // W = codes * scales[n]: the scale is applied once, to the sum
@@ -252,6 +268,9 @@ struct Int8Weight {  // W = codes * scales[n]: the scale is applied once, to the
     vec load(int64_t n, int64_t k) const { return vload_i8(w + n * K + k); }
     float at(int64_t n, int64_t k) const { return w[n * K + k]; }
     float finish(int64_t n, float s) const { return s * scales[n]; }
+    const void* address(int64_t n, int64_t k) const { return w + n * K + k; }
+    static constexpr int64_t bytes = 1;
+    static constexpr bool prefetched = true;  // measured: 8 -> 10 GB/s on one core, 14 -> 19 on two
 };
 
 // Columns [k0, k1) of R rows x C channels, added to the vector sums acc[r][c] (kept in memory between
@@ -301,6 +320,8 @@ static void linear(const Weight& wt, const float* x, int64_t M, int64_t K, int64
         const float* xb = x + m0 * K;
         for (int64_t k0 = 0; k0 < full; k0 += COLUMN_BLOCK) {
             const int64_t k1 = std::min(full, k0 + COLUMN_BLOCK);
+            if (Weight::prefetched)
+                for (int c = 0; c < channels; c++) prefetch(wt.address(n0 + c, k0), (k1 - k0) * Weight::bytes);
             int64_t m = 0;
             for (; m + ROWS <= rows; m += ROWS) tile_channels<ROWS>(wt, xb + m * K, K, k0, k1, n0, channels, sums + m);
             switch (rows - m) {  // the last rows in one tile too: each weight vector is converted once per
@@ -379,6 +400,7 @@ static void quantize_activations(const float* x, int64_t M, int64_t K, int64_t c
 static inline void int4_tile(const Int4Product& p, int64_t n0, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) {
     const uint8_t* block = p.w + n0 / CHANNELS * p.blocks * p.block_bytes;
     for (int64_t b = 0; b < p.blocks; b++, block += p.block_bytes) {
+        prefetch(block, p.block_bytes);
         const uint16_t* pairs = reinterpret_cast<const uint16_t*>(block + CHANNELS * BLOCK / 2);
         for (int h = 0; h < HALVES; h++) {
             const int64_t c = b * HALVES + h;
