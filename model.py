@@ -217,11 +217,18 @@ class Linear(nn.Linear):
     weight once for any number of rows (MKL's product reads it again and again past one row).
     One row of float32 under torch.compile is written as a reduction instead, which inductor fuses
     into the step: on small layers (the demo's) it beats a call to any kernel, and on large ones
-    it streams the weight about as fast as the kernel (BENCHMARKS.md sections 12 and 15)."""
+    it streams the weight about as fast as the kernel (BENCHMARKS.md sections 12 and 15). Not in a
+    quantized model (fused_one_row False, set by quantized_layers): there a float layer's output
+    meets layers that round their input to 8 bits, which turn the reduction's last-bit difference
+    from the kernel's k + 1-row product into another token (the demo's int4 file did, 1 prompt of
+    5); the kernel gives a row the same bits at any row count."""
+
+    fused_one_row = True
 
     def forward(self, x: Tensor) -> Tensor:
         one_row = x.numel() == x.shape[-1]
-        if one_row and torch.compiler.is_compiling() and x.device.type == "cpu" and self.weight.dtype == torch.float32:
+        if (one_row and self.fused_one_row and torch.compiler.is_compiling() and x.device.type == "cpu"
+                and self.weight.dtype == torch.float32):
             return (x.unsqueeze(-2) * self.weight).sum(-1)
         inference = not (torch.is_grad_enabled() and self.weight.requires_grad)
         if (x.device.type == "cpu" and self.weight.dtype in (torch.float32, torch.bfloat16) and inference
@@ -382,7 +389,8 @@ def kept_rows(layer: nn.Module, ids: Tensor) -> nn.Module:
         rows = {"codes": layer.codes[ids], "scales_and_zeros": layer.scales_and_zeros[:, ids].contiguous()}
         make = partial(Int4Linear, layer.in_features, len(ids), layer.groupsize)
     else:
-        rows = {"weight": nn.Parameter(layer.weight.detach()[ids], requires_grad=False)}
+        rows = {"weight": nn.Parameter(layer.weight.detach()[ids], requires_grad=False),
+                "fused_one_row": layer.fused_one_row}
         make = partial(Linear, layer.in_features, len(ids), bias=False)
     with torch.device("meta"):  # no memory for the constructor's weights: they are replaced
         kept = make()
@@ -392,8 +400,11 @@ def kept_rows(layer: nn.Module, ids: Tensor) -> nn.Module:
 
 
 def quantized_layers(model: nn.Module, state: dict, quantization: dict) -> None:
-    """Replaces each linear layer whose weight `state` holds as codes by its quantized kind."""
+    """Replaces each linear layer whose weight `state` holds as codes by its quantized kind; the
+    layers left in float run one row through the kernel too (Linear.fused_one_row)."""
     for name, module in list(model.named_modules()):
+        if isinstance(module, Linear):
+            module.fused_one_row = False
         if isinstance(module, nn.Linear) and f"{name}.codes" in state:
             parent, _, child = name.rpartition(".")
             layer = (Int8Linear(module.in_features, module.out_features) if quantization["mode"] == "int8"

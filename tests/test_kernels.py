@@ -12,7 +12,7 @@ import torch
 import cpu_kernels
 import quantize
 from conftest import ROOT
-from model import Int4Linear, Int8Linear, Linear, load_model
+from model import Int4Linear, Int8Linear, Linear, ModelArgs, Transformer, kept_rows, load_model, quantized_layers
 from test_batch import batch_one, run_batch
 from test_quantize import quantized  # noqa: F401 (a fixture)
 
@@ -145,6 +145,32 @@ def test_layers_run_the_engines_kernel_on_the_cpu_and_pytorchs_otherwise(monkeyp
             tolerance = 2e-2 if name in ("bfloat16", "int4") else 1e-4  # int4: the kernel rounds x to 8 bits
             assert (theirs - own[name].float()).abs().max() <= tolerance * theirs.abs().max(), name
     assert calls == []
+
+
+def test_a_quantized_models_float_layers_take_one_row_through_the_kernel_when_compiled(monkeypatch):
+    """Compiled, one float32 row is inductor's reduction (fused with its neighbours), whose last bits
+    differ from the kernel's k + 1-row product; in a quantized file the next layer's 8-bit rounding
+    can turn that into another token, so there every float layer (and the draft head cut from a
+    float head) runs the kernel at every row count. A float model keeps the reduction."""
+    calls = []
+    original = torch.ops.layerskip.linear
+    monkeypatch.setattr(torch.ops.layerskip, "linear", lambda *args: calls.append(args[1].dtype) or original(*args))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    layer = Linear(64, 8, bias=False)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        fused = layer(x)
+        layer.fused_one_row = False
+        assert calls == [] and torch.allclose(layer(x), fused, atol=1e-5) and calls == [torch.float32]
+    with torch.device("meta"):  # quantized_layers reads the state's names only
+        model = Transformer(ModelArgs(vocab_size=64, dim=64, n_layer=2, n_head=4, n_kv_head=4, head_dim=16,
+                                      intermediate_size=40))
+    floats = [m for m in model.modules() if isinstance(m, Linear)]
+    assert all(m.fused_one_row for m in floats)  # a float model
+    quantized_layers(model, {"layers.0.attention.wqkv.codes": None}, {"mode": "int4", "groupsize": 32})
+    assert isinstance(model.layers[0].attention.wqkv, Int4Linear)
+    assert not any(m.fused_one_row for m in model.modules() if isinstance(m, Linear))
+    assert not kept_rows(model.output, torch.arange(8)).fused_one_row
 
 
 def attention_case(dtype: torch.dtype, batch: int = 3, queries: int = 7, length: int = 40, head_dim: int = 24):
