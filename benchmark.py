@@ -508,9 +508,7 @@ def kind_costs(model: Transformer, prompts: list[list[int]], fns: dict, exit_lay
             ms = kind_ms([e for e in p.events() if e.cpu_parent is None], head_widths, wall * 1e3, steps)
             step_ms = wall * 1e3 / steps
             out[f"{'AR' if k == 0 else f'k={k}'}, batch {b}"] = {
-                "batch_size": b, "k": k, "step_ms": step_ms, "step_ms_without_profiler": unprofiled_ms, "ms": ms,
-                # an estimate from two runs: the step without the profiler less its operators' time with it
-                "host_ms_without_profiler": unprofiled_ms - (step_ms - ms["host"])}
+                "batch_size": b, "k": k, "step_ms": step_ms, "step_ms_without_profiler": unprofiled_ms, "ms": ms}
     return out
 
 
@@ -1164,9 +1162,7 @@ def kinds_report(cases: dict, compiled: bool) -> list[str]:
     shown = [kind for kind in KINDS if any(case["ms"][kind] for case in cases.values())]  # fused_linear: compiled only
     rows = [row(KINDS[kind], lambda case, kind=kind: case["ms"][kind], "step_ms") for kind in shown] + [
         row("whole step, profiled", lambda case: case["step_ms"], "step_ms"),
-        row("whole step without the profiler", lambda case: case["step_ms_without_profiler"]),
-        row("host without the profiler (that step less the operators' time above)",
-            lambda case: case["host_ms_without_profiler"], "step_ms_without_profiler")]
+        row("whole step without the profiler", lambda case: case["step_ms_without_profiler"])]
     columns = [("kind of work", column("label", ""))] + [
         pair for name in cases for pair in ((f"{name}: ms", lambda r, name=name: fmt(r["ms"][name], ".3f")),
                                             ("share", lambda r, name=name: fmt(r["share"].get(name), ".0%")))]
@@ -1174,9 +1170,10 @@ def kinds_report(cases: dict, compiled: bool) -> list[str]:
             markdown_table(rows, columns) + "\n",
             f"ms per step, the mean of {KIND_STEPS} steps; an AR step emits one token per row, a self-speculative step "
             "1 to k + 1. Each operator counted once, outermost; host = the step's wall time less its operators' (the "
-            "profiler's recording adds to it, and a little to the operators' time: the last rows take the step without "
-            "it). Compiled, a one-row linear layer is a reduction that inductor fuses with the norms, RoPE and cache "
-            "writes around it (after the last layer: the head and its argmax): the profiler cannot tell those apart.\n"]
+            "profiler's recording adds to it, and a little to the operators' time: the last row times the step without "
+            "it). Compiled, a float model's one-row linear layer is a reduction that inductor fuses with the norms, RoPE "
+            "and cache writes around it (after the last layer: the head and its argmax): the profiler cannot tell those "
+            "apart.\n"]
 
 
 def memory_report(rows: list[dict], weights: int) -> list[str]:

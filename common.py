@@ -234,12 +234,17 @@ def settings_for(rows: Tensor, temperature, top_k, top_p, seed) -> tuple:
 
 # --- prefill and the autoregressive step -----------------------------------------------------------
 
+def model_hidden(model: Transformer, idx: Tensor, input_pos: Tensor, early_exit: bool,
+                 rows: Optional[Tensor] = None) -> Tensor:
+    """The hidden state the shared head reads: the full model's, or with early_exit layers [0, E)'s."""
+    h = model.early(idx, input_pos, rows)
+    return h if early_exit else model.late(h, input_pos, rows)
+
+
 def model_logits(model: Transformer, idx: Tensor, input_pos: Tensor, early_exit: bool,
                  rows: Optional[Tensor] = None) -> Tensor:
     """Full model, or with early_exit only layers [0, E) + the shared head (lossy)."""
-    if early_exit:
-        return model.head(model.early(idx, input_pos, rows))
-    return model(idx, input_pos, rows)
+    return model.head(model_hidden(model, idx, input_pos, early_exit, rows))
 
 
 def prefill(model: Transformer, idx: Tensor, lengths: Tensor, rows: Tensor, temperature: Union[float, Tensor],
@@ -250,8 +255,9 @@ def prefill(model: Transformer, idx: Tensor, lengths: Tensor, rows: Tensor, temp
     it until decoding overwrites it. Per-row settings (tensors) hold a value for every cache row."""
     temperature, top_k, top_p, seed = settings_for(rows, temperature, top_k, top_p, seed)
     input_pos = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)
-    logits = model_logits(model, idx, input_pos, early_exit, rows)
-    last = logits[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
+    hidden = model_hidden(model, idx, input_pos, early_exit, rows)
+    # the head, the largest layer (128k rows for Llama 3), on each prompt's last position only
+    last = model.head(hidden[torch.arange(idx.shape[0], device=idx.device), lengths - 1])
     return next_tokens(last, temperature, top_k, top_p, seed, lengths)
 
 
