@@ -71,7 +71,7 @@ import torch
 from torch import Tensor
 
 from common import (DTYPES, atomic_write, cache_length, check_exit_layer, completion_text, decode_one_token, fail,
-                    generate_batch, read_prompts_file, weight_bytes)
+                    generate_batch, read_prompts_file, right_padded, weight_bytes)
 from model import ModelArgs, Transformer, load_model
 from peers import (LLAMA_CPP_SETUP, PEERS, LlamaCppWorker, Method, first_divergence, llama_cpp_environment, peer_weights,
                    write_hf_checkpoint)
@@ -486,11 +486,7 @@ def kind_costs(model: Transformer, prompts: list[list[int]], fns: dict, exit_lay
     out = {}
     for b in batch_sizes:
         model.setup_caches(b, length, exit_layer)
-        rows = [prompts[i % len(prompts)] for i in range(b)]
-        idx = torch.zeros(b, max(map(len, rows)), dtype=torch.long)
-        for i, row in enumerate(rows):
-            idx[i, :len(row)] = torch.tensor(row)
-        lengths = torch.tensor([len(row) for row in rows])
+        idx, lengths = right_padded([prompts[i % len(prompts)] for i in range(b)])
         token = prefill_fn(model, idx, lengths, torch.arange(b))[:, None]
         for k in [0] + ks:  # a fixed k that the run has as one of "auto"'s steps only
             step = fns[k][1][k] if k in fns else fns["auto"][1][k]

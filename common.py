@@ -247,6 +247,15 @@ def model_logits(model: Transformer, idx: Tensor, input_pos: Tensor, early_exit:
     return model.head(model_hidden(model, idx, input_pos, early_exit, rows))
 
 
+def right_padded(prompts: list[list[int]], device: Union[str, torch.device] = "cpu") -> tuple[Tensor, Tensor]:
+    """Prompts as one (b, longest) tensor, each padded with zeros past its end, and their lengths
+    (b,): what prefill takes."""
+    idx = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        idx[i, : len(prompt)] = torch.tensor(prompt)
+    return idx.to(device), torch.tensor([len(prompt) for prompt in prompts], device=device)
+
+
 def prefill(model: Transformer, idx: Tensor, lengths: Tensor, rows: Tensor, temperature: Union[float, Tensor],
             top_k: Union[int, None, Tensor], early_exit: bool = False, top_p: Optional[Tensor] = None,
             seed: Optional[Tensor] = None) -> Tensor:
@@ -351,15 +360,11 @@ def generate_batch(model: Transformer, prompts: Iterable[list[int]], max_new_tok
             if not starting:
                 return
             start = time.perf_counter()
-            lengths = [len(prompt) for _, (_, prompt) in starting]
-            idx = torch.zeros(len(starting), max(lengths), dtype=torch.long)
-            for i, (_, (_, prompt)) in enumerate(starting):
-                idx[i, : len(prompt)] = torch.tensor(prompt)
+            idx, lengths = right_padded([prompt for _, (_, prompt) in starting], device)
             where = torch.tensor([r for r, _ in starting], device=device)
-            length_t = torch.tensor(lengths, device=device)
-            first = prefill_fn(model, idx.to(device), length_t, where)
+            first = prefill_fn(model, idx, lengths, where)
             token[where, 0] = first
-            pos[where] = length_t
+            pos[where] = lengths
             for (r, (index, prompt)), t in zip(starting, first.tolist()):
                 rows[r] = {"index": index, "prompt": prompt, "tokens": [], "start": start, "k_steps": {},
                            "drafted": 0, "accepted": 0, "budget": min(max_new_tokens, context - len(prompt))}

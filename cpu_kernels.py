@@ -206,5 +206,6 @@ def main() -> None:
             del copies
             print(f"| {name} | " + " | ".join(f"{b / 1e9:.1f}" for b in row) + " |")
 
+
 if __name__ == "__main__":
     main()

@@ -72,9 +72,7 @@ def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, tem
     draft = torch.cat(drafts, 1)  # (B, k)
     if greedy:  # what the rule below gives on one-hot distributions: accept while draft = argmax
         target = target_logits.argmax(-1)  # (B, k + 1)
-        n = torch.cumprod((draft == target[:, :k]).int(), 1).sum(1)
-        if limit is not None:
-            n = torch.minimum(n, limit)
+        n = accepted_count(draft == target[:, :k], limit)
         next_token = target[rows, n][:, None]
     else:
         n, next_token = accept_sampled(logits_to_probs(target_logits, temperature, top_k, top_p), draft,
@@ -82,6 +80,12 @@ def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, tem
     out = torch.cat([draft, next_token], 1)
     out = torch.where(torch.arange(k + 1, device=pos.device) == n[:, None], next_token, out)
     return out, n, next_token, pos + n + 1
+
+
+def accepted_count(accept: Tensor, limit: Optional[Tensor]) -> Tensor:
+    """Per row of accept (B, k): the drafts accepted before the first refused one, at most limit[b]."""
+    n = torch.cumprod(accept.int(), 1).sum(1)
+    return n if limit is None else torch.minimum(n, limit)
 
 
 def accept_sampled(target_probs: Tensor, draft: Tensor, choices: Tensor, q: Tensor, kept: Optional[Tensor],
@@ -100,10 +104,7 @@ def accept_sampled(target_probs: Tensor, draft: Tensor, choices: Tensor, q: Tens
         uniform = torch.rand(batch, k, device=draft.device)
     else:
         uniform = row_uniform(seed, positions[:, 1:], ACCEPT)
-    accept = uniform * q_draft < p_draft
-    n = torch.cumprod(accept.int(), 1).sum(1)
-    if limit is not None:
-        n = torch.minimum(n, limit)
+    n = accepted_count(uniform * q_draft < p_draft, limit)
 
     # The token after the accepted drafts: from max(p - q, 0) after a rejection, from p after k
     # acceptances (q padded with zeros); falls back to p if rounding left no residual mass. Only
