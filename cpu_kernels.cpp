@@ -4,12 +4,12 @@
 //
 // The kernels are written once, in the second half of this file, which the first half includes three
 // times (#include __FILE__), each time inside its own namespace and `#pragma GCC target`, with LANES 16
-// (AVX-512) or 8 (AVX2) and VNNI 1 or 0 (the VNNI build holds only the int4 kernel). One file, so that
-// the build's hash of its sources sees every change.
+// (AVX-512) or 8 (AVX2) and VNNI 1 or 0 (the VNNI build holds only the int8 and int4 kernels). One
+// file, so that the build's hash of its sources sees every change.
 //
 // y[m, n] = sum_k x[m, k] * W[n, k] for float32 x, with W float32, bfloat16, int8 (times a scale
-// per output channel) or int4 (q * scale + shifted zero per group of input columns, against x
-// quantized to 8 bits). Each tile of CHANNELS weight rows is read from memory once and applied to
+// per output channel) or int4 (q * scale + shifted zero per group of input columns); int8 and int4
+// meet x quantized to 8 bits. Each tile of CHANNELS weight rows is read from memory once and applied to
 // every row of x while it sits in the cache. Every (row, channel) pair accumulates its products in
 // one vector register in the same order whatever the tile it falls in, so a row's result does not
 // depend on how many rows come with it.
@@ -39,7 +39,7 @@ namespace avx512 {
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
-namespace avx512_vnni {  // only the int4 kernel: the others have no use for VNNI
+namespace avx512_vnni {  // only the int8 and int4 kernels: the float ones have no use for VNNI
 #define LANES 16
 #define VNNI 1
 #include __FILE__
@@ -94,6 +94,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     at::Tensor y = at::empty({x.size(0), N}, x.options());
     at::Tensor s = scales ? scales->contiguous() : at::Tensor();
     if (isa == 3 && kind == at::kByte) avx512_vnni::run_int4(x, weight, group, y);
+    else if (isa == 3 && kind == at::kChar) avx512_vnni::run_int8(x, weight, s, y);
     else if (isa >= 2) avx512::run(x, weight, s, group, y);
     else avx2::run(x, weight, s, group, y);
     return y;
@@ -142,9 +143,6 @@ static inline vec vload_bf16(const uint16_t* p) {
     __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-static inline vec vload_i8(const int8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
 static inline float vsum(vec a) {
     __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
@@ -172,6 +170,17 @@ static inline ivec dot4(ivec u, ivec s, ivec u2, ivec s2) {
     return _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(u, s), _mm512_maddubs_epi16(u2, s2)), _mm512_set1_epi16(1));
 #endif
 }
+static inline ivec magnitudes(ivec a) { return _mm512_abs_epi8(a); }
+// Lane j: the sum of the 4 products of bytes 4j..4j+3 of w and q, both signed, as |w| (unsigned)
+// times q with w's sign; |w| <= 128 keeps maddubs' pairs within int16.
+static inline ivec signed_dot(ivec magnitude, ivec w, ivec q) {
+    const ivec zero = _mm512_setzero_si512(), signed_q = _mm512_mask_sub_epi8(q, _mm512_movepi8_mask(w), zero, q);
+#if VNNI
+    return _mm512_dpbusd_epi32(zero, magnitude, signed_q);
+#else
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(magnitude, signed_q), _mm512_set1_epi16(1));
+#endif
+}
 #else
 typedef __m256 vec;
 static inline vec vzero() { return _mm256_setzero_ps(); }
@@ -182,9 +191,6 @@ static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vec vload_bf16(const uint16_t* p) {
     __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-static inline vec vload_i8(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 static inline float vsum(vec a) {
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -205,6 +211,10 @@ static inline ivec lane_index(const int* p) { return iload(p); }
 static inline ivec dot4(ivec u, ivec s, ivec u2, ivec s2) {  // as on AVX-512 without VNNI
     return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u, s), _mm256_maddubs_epi16(u2, s2)), _mm256_set1_epi16(1));
 }
+static inline ivec magnitudes(ivec a) { return _mm256_abs_epi8(a); }
+static inline ivec signed_dot(ivec magnitude, ivec w, ivec q) {  // as on AVX-512 without VNNI
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(q, w)), _mm256_set1_epi16(1));
+}
 #endif
 constexpr int64_t ROW_BLOCK = 64;  // rows whose partial sums a thread keeps at once
 // Each block of weights asks for the memory PREFETCH bytes ahead of it in its stream: the hardware's
@@ -212,9 +222,8 @@ constexpr int64_t ROW_BLOCK = 64;  // rows whose partial sums a thread keeps at 
 // 26 -> 26-32 GB/s). Prefetches never fault, so the last ones may point past the weights.
 constexpr int64_t PREFETCH = 4096;
 
-static inline void prefetch(const void* p, int64_t bytes) {
-    for (int64_t line = 0; line < bytes; line += 64)
-        _mm_prefetch(static_cast<const char*>(p) + PREFETCH + line, _MM_HINT_T0);
+static inline void prefetch(const void* p, int64_t bytes) {  // the cache lines of [p, p + bytes)
+    for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(static_cast<const char*>(p) + line, _MM_HINT_T0);
 }
 
 // The output channels split over the threads in tiles of CHANNELS, the rows in blocks of ROW_BLOCK:
@@ -240,31 +249,19 @@ static void over_tiles(int64_t M, int64_t N, const Add& add, const Finish& finis
 }
 
 #if !VNNI
-// Each kind of weight: load(n, k) gives LANES weights of channel n from column k as floats, at(n, k)
-// one weight (the columns past the last full vector) and finish(n, sum) the channel's result; the
-// kinds whose rows are `prefetched` ask for them ahead of use.
+// Each float kind of weight: load(n, k) gives LANES weights of channel n from column k as floats,
+// at(n, k) one weight (the columns past the last full vector). Neither asks for its rows ahead of
+// use: prefetching measured 20 -> 12 GB/s on one core in float32, no gain in bfloat16.
 struct Float32Weight {
     const float* w; int64_t K;
     vec load(int64_t n, int64_t k) const { return vload(w + n * K + k); }
     float at(int64_t n, int64_t k) const { return w[n * K + k]; }
-    float finish(int64_t, float s) const { return s; }
-    static constexpr bool prefetched = false;  // measured: 20 -> 12 GB/s on one core with prefetches
 };
 
 struct BFloat16Weight {
     const uint16_t* w; int64_t K;
     vec load(int64_t n, int64_t k) const { return vload_bf16(w + n * K + k); }
     float at(int64_t n, int64_t k) const { uint32_t b = uint32_t(w[n * K + k]) << 16; float f; std::memcpy(&f, &b, 4); return f; }
-    float finish(int64_t, float s) const { return s; }
-    static constexpr bool prefetched = false;  // measured: no gain
-};
-
-struct Int8Weight {  // W = codes * scales[n]: the scale is applied once, to the sum
-    const int8_t* w; const float* scales; int64_t K;
-    vec load(int64_t n, int64_t k) const { return vload_i8(w + n * K + k); }
-    float at(int64_t n, int64_t k) const { return w[n * K + k]; }
-    float finish(int64_t n, float s) const { return s * scales[n]; }
-    static constexpr bool prefetched = true;  // measured: 8 -> 10 GB/s on one core, 14 -> 19 on two
 };
 
 // Columns [k0, k1) of R rows x C channels, added to the vector sums acc[r][c] (kept in memory between
@@ -314,8 +311,6 @@ static void linear(const Weight& wt, const float* x, int64_t M, int64_t K, int64
         const float* xb = x + m0 * K;
         for (int64_t k0 = 0; k0 < full; k0 += COLUMN_BLOCK) {
             const int64_t k1 = std::min(full, k0 + COLUMN_BLOCK);
-            if (Weight::prefetched)
-                for (int c = 0; c < channels; c++) prefetch(wt.w + (n0 + c) * K + k0, (k1 - k0) * sizeof(*wt.w));
             int64_t m = 0;
             for (; m + ROWS <= rows; m += ROWS) tile_channels<ROWS>(wt, xb + m * K, K, k0, k1, n0, channels, sums + m);
             switch (rows - m) {  // the last rows in one tile too: each weight vector is converted once per
@@ -329,19 +324,108 @@ static void linear(const Weight& wt, const float* x, int64_t M, int64_t K, int64
     over_tiles(M, N, add, [&](int64_t m, int64_t n, vec sum) {
         float s = vsum(sum);
         for (int64_t k = full; k < K; k++) s = std::fma(x[m * K + k], wt.at(n, k), s);
-        y[m * N + n] = wt.finish(n, s);
+        y[m * N + n] = s;
     });
 }
 
 #endif  // !VNNI
 
-// int4 weights against 8-bit activations, with integer dot products as llama.cpp computes them: each
-// row of x is quantized once per product, in blocks of 32 columns with a scale each (d = max |x| /
-// 127, q = round(x / d)), and a group of columns adds scale * d * sum(code * q) + shifted zero *
-// sum(x). The integer sums are exact and each (row, channel) adds its floats in one order, so a
-// row's result still does not depend on the rows beside it.
+// int8 and int4 weights against 8-bit activations, with integer dot products as llama.cpp computes
+// them: each row of x is quantized once per product, in blocks of 32 columns with a scale each
+// (d = max |x| / 127, q = round(x / d)); a block adds d * sum(code * q) times the channel's scale
+// (int8), and a group of columns d * scale * sum(code * q) + shifted zero * sum(x) (int4). The
+// integer sums are exact and each (row, channel) adds its floats in one order, so a row's result
+// still does not depend on the rows beside it.
 //
-// The weights are packed at load (cpu_kernels.pack_int4) so that a thread reads one stream of
+// Column k of row r goes to q[r * width + place(k)] (width: K padded to a multiple of 32, the
+// columns past K quantized as 0); each run of `span` columns (4 or 8, within one block) gets its
+// block's d and, where xsum is given, the sum of its columns of x: the per-lane values of a dot
+// product whose lanes sum `span` columns each.
+template <class Place>
+static void quantize_activations(const float* x, int64_t M, int64_t K, int64_t width, int span, const Place& place,
+                                 int8_t* q, float* d, float* xsum) {
+    at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; r++)
+            for (int64_t b = 0; b < width; b += 32) {
+                float v[32], amax = 0.f;
+                for (int i = 0; i < 32; i++) {
+                    v[i] = b + i < K ? x[r * K + b + i] : 0.f;
+                    amax = std::max(amax, std::fabs(v[i]));
+                }
+                const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+                for (int i = 0; i < 32; i++) q[r * width + place(b + i)] = int8_t(std::nearbyint(v[i] * inverse));
+                for (int j = 0; j < 32 / span; j++) {
+                    const int64_t at = (r * width + b) / span + j;
+                    d[at] = amax / 127.f;
+                    if (!xsum) continue;
+                    float sum = 0.f;
+                    for (int i = 0; i < span; i++) sum += v[span * j + i];
+                    xsum[at] = sum;
+                }
+            }
+    });
+}
+
+// int8: the codes as the file holds them, (N, K), CHANNELS rows at a time, each row asked for ahead
+// of use (measured 8 -> 10 GB/s on one core, 14 -> 19 on two, with float activations). A vector
+// holds VECTOR = 4 * LANES columns; lane j of a dot product sums columns 4j to 4j + 3, in one block
+// of 32. The columns past the last full vector (K not a multiple of VECTOR) are added one by one.
+constexpr int64_t VECTOR = 4 * LANES;
+
+struct Int8Product {
+    const int8_t* w; const float* scales; int64_t N, K, width;
+    const int8_t* q; const float* d;  // the activations, d per 4 columns
+};
+
+// The tile of channels from n0 against rows [m0, m0 + rows); a tile's missing channels (past N)
+// read the last channel again and their sums are not written.
+static inline void int8_tile(const Int8Product& p, int64_t n0, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) {
+    const int8_t* w[CHANNELS];
+    for (int c = 0; c < CHANNELS; c++) w[c] = p.w + std::min(n0 + c, p.N - 1) * p.K;
+    const int64_t full = p.K - p.K % VECTOR;
+    for (int64_t k = 0; k < full; k += VECTOR) {
+        ivec codes[CHANNELS], magnitude[CHANNELS];
+        for (int c = 0; c < CHANNELS; c++) {
+            // The tile reads its rows side by side: what it reads PREFETCH bytes later lies PREFETCH /
+            // CHANNELS further along each row or, near the rows' end, in the thread's next tile.
+            const int64_t ahead = k + PREFETCH / CHANNELS;
+            prefetch(ahead < p.K ? w[c] + ahead : w[c] + (CHANNELS - 1) * p.K + ahead, VECTOR);
+            codes[c] = iload(w[c] + k);
+            magnitude[c] = magnitudes(codes[c]);
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t at = (m0 + r) * p.width + k;
+            const ivec q = iload(p.q + at);
+            const vec d = vload(p.d + at / 4);
+#pragma GCC unroll 4
+            for (int c = 0; c < CHANNELS; c++) sums[r][c] = vfma(vcvt(signed_dot(magnitude[c], codes[c], q)), d, sums[r][c]);
+        }
+    }
+}
+
+// x (M, K) float32 against int8 codes (N, K) with scales (N,): W = codes * scales, the scale applied
+// once, to a channel's sum.
+static void run_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, at::Tensor& y) {
+    const int64_t M = x.size(0), K = x.size(1), N = y.size(1), width = (K + 31) / 32 * 32, full = K - K % VECTOR;
+    at::Tensor q = at::empty({M * width}, x.options().dtype(at::kChar));
+    at::Tensor d = at::empty({M * width / 4}, x.options());
+    const Int8Product p{weight.data_ptr<int8_t>(), scales.data_ptr<float>(), N, K, width, q.data_ptr<int8_t>(), d.data_ptr<float>()};
+    quantize_activations(x.data_ptr<float>(), M, K, width, 4, [](int64_t k) { return k; }, q.data_ptr<int8_t>(),
+                         d.data_ptr<float>(), nullptr);
+    float* yp = y.data_ptr<float>();
+    auto add = [&](int64_t n0, int, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) { int8_tile(p, n0, m0, rows, sums); };
+    over_tiles(M, N, add, [&](int64_t m, int64_t n, vec sum) {
+        float s = vsum(sum);
+        for (int64_t b = full; b < K; b += 32) {  // full is a multiple of 32: the tail's blocks start there
+            int32_t dot = 0;
+            for (int64_t k = b; k < std::min(K, b + 32); k++) dot += int32_t(p.w[n * K + k]) * p.q[m * width + k];
+            s = std::fma(float(dot), p.d[(m * width + b) / 4], s);
+        }
+        yp[m * N + n] = s * p.scales[n];
+    });
+}
+
+// int4: the weights are packed at load (cpu_kernels.pack_int4) so that a thread reads one stream of
 // memory: per tile of CHANNELS channels and per block of BLOCK columns, the tile's codes (BLOCK / 2
 // bytes a channel; high nibbles the even columns, low nibbles the odd ones), then its (scale,
 // shifted zero) pairs in float16, `pairs` = max(1, BLOCK / group) a channel. Reading tiles of
@@ -361,40 +445,12 @@ struct Int4Product {
     int lane_scale[HALVES][LANES], lane_zero[HALVES][LANES];  // lane j's scale and zero among a channel's pairs
 };
 
-static void quantize_activations(const float* x, int64_t M, int64_t K, int64_t chunks, int8_t* q, float* d, float* xsum) {
-    at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; r++)
-            for (int64_t c = 0; c < chunks; c++) {
-                int8_t* qc = q + (r * chunks + c) * CHUNK;
-                float* dc = d + (r * chunks + c) * LANES;
-                float* sc = xsum + (r * chunks + c) * LANES;
-                for (int64_t b = 0; b < CHUNK; b += 32) {  // columns past K count as 0
-                    float v[32], amax = 0.f;
-                    for (int i = 0; i < 32; i++) {
-                        const int64_t k = c * CHUNK + b + i;
-                        v[i] = k < K ? x[r * K + k] : 0.f;
-                        amax = std::max(amax, std::fabs(v[i]));
-                    }
-                    const float inverse = amax > 0.f ? 127.f / amax : 0.f;
-                    for (int64_t i = 0; i < 32; i++)
-                        qc[((b + i) & 1) * (CHUNK / 2) + (b + i) / 2] = int8_t(std::nearbyint(v[i] * inverse));
-                    for (int j = 0; j < 4; j++) {
-                        float sum = 0.f;
-                        for (int i = 0; i < 8; i++) sum += v[8 * j + i];
-                        dc[b / 8 + j] = amax / 127.f;
-                        sc[b / 8 + j] = sum;
-                    }
-                }
-            }
-    });
-}
-
 // The tile of channels from n0 against rows [m0, m0 + rows): each chunk's codes are unpacked once
 // for all the rows. A tile past the last channel holds zeros; its sums are not written.
 static inline void int4_tile(const Int4Product& p, int64_t n0, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) {
     const uint8_t* block = p.w + n0 / CHANNELS * p.blocks * p.block_bytes;
     for (int64_t b = 0; b < p.blocks; b++, block += p.block_bytes) {
-        prefetch(block, p.block_bytes);
+        prefetch(block + PREFETCH, p.block_bytes);
         const uint16_t* pairs = reinterpret_cast<const uint16_t*>(block + CHANNELS * BLOCK / 2);
         for (int h = 0; h < HALVES; h++) {
             const int64_t c = b * HALVES + h;
@@ -437,7 +493,8 @@ static void run_int4(const at::Tensor& x, const at::Tensor& weight, int64_t grou
             p.lane_scale[h][j] = 2 * pair;
             p.lane_zero[h][j] = 2 * pair + 1;
         }
-    quantize_activations(x.data_ptr<float>(), M, K, chunks, q.data_ptr<int8_t>(), d.data_ptr<float>(),
+    const auto split = [](int64_t k) { return k / CHUNK * CHUNK + (k & 1) * (CHUNK / 2) + k % CHUNK / 2; };
+    quantize_activations(x.data_ptr<float>(), M, K, chunks * CHUNK, 8, split, q.data_ptr<int8_t>(), d.data_ptr<float>(),
                          d.data_ptr<float>() + M * chunks * LANES);
     float* yp = y.data_ptr<float>();
     auto add = [&](int64_t n0, int, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) { int4_tile(p, n0, m0, rows, sums); };
@@ -452,7 +509,7 @@ static void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
     switch (weight.scalar_type()) {
         case at::kFloat: linear(Float32Weight{weight.data_ptr<float>(), K}, xp, M, K, N, yp); break;
         case at::kBFloat16: linear(BFloat16Weight{reinterpret_cast<const uint16_t*>(weight.data_ptr()), K}, xp, M, K, N, yp); break;
-        case at::kChar: linear(Int8Weight{weight.data_ptr<int8_t>(), scales.data_ptr<float>(), K}, xp, M, K, N, yp); break;
+        case at::kChar: run_int8(x, weight, scales, y); break;
         default: run_int4(x, weight, group, y);
     }
 }

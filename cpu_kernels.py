@@ -5,10 +5,10 @@
 torch.ops.layerskip.linear, for float32, bfloat16, int8 (a scale per output channel) and int4 (a
 scale and a zero per group) weights and float32 activations: each block of weight rows is read from
 memory once and applied to every row of the input, so a pass over k + 1 or B rows costs about what
-one row costs until the arithmetic catches up with the memory. int4 layers round their input to 8
-bits in blocks of 32 columns (as llama.cpp's Q8_0 does) and multiply with integer dot products, a
-quarter of the float arithmetic; their codes and float16 scales are packed at load into one stream
-per tile of channels (pack_int4), 5 bits a weight at groups of 32.
+one row costs until the arithmetic catches up with the memory. int8 and int4 layers round their
+input to 8 bits in blocks of 32 columns (as llama.cpp's Q8_0 does) and multiply with integer dot
+products, a quarter of the float arithmetic; int4 codes and float16 scales are packed at load into
+one stream per tile of channels (pack_int4), 5 bits a weight at groups of 32.
 
 torch.ops.layerskip.attention, for the decoding steps: each query over the filled part of its row's
 cache, in one order whatever queries, rows and cache length come with it. PyTorch's attention
@@ -87,8 +87,8 @@ def ready() -> bool:
 
 def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: int = 0) -> Tensor:
     """x (..., K) in any float dtype against weight (N, K) float32 / bfloat16 / int8 with scales (N,),
-    or int4 weights packed by pack_int4 (no scales), which meet x rounded to 8 bits per block of 32
-    columns; returns (..., N) in x's dtype. The sums are float32."""
+    or int4 weights packed by pack_int4 (no scales); int8 and int4 meet x rounded to 8 bits per
+    block of 32 columns. Returns (..., N) in x's dtype. The sums are float32."""
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
     out = torch.ops.layerskip.linear(rows, weight, scales, group, ISAS[isa])
     return out.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
