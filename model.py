@@ -215,20 +215,22 @@ class Transformer(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear, but on a CPU, where no gradient is wanted, the engine's own kernel: it reads the
     weight once for any number of rows (MKL's product reads it again and again past one row).
-    One row of float32 under torch.compile is written as a reduction instead, which inductor fuses
-    into the step: on small layers (the demo's) it beats a call to any kernel, and on large ones
-    it streams the weight about as fast as the kernel (BENCHMARKS.md sections 12 and 15). Not in a
+    One row of float32 under torch.compile through a small weight (at most FUSED_ONE_ROW_MAX
+    elements, the demo's every layer) is written as a reduction instead, which inductor fuses into
+    the step: there it beats a call to any kernel; from 4 MB on, read from memory, the kernel is
+    faster (0.64-0.89 of the reduction's time on a 2-core Xeon; BENCHMARKS.md section 15). Not in a
     quantized model (fused_one_row False, set by quantized_layers): there a float layer's output
     meets layers that round their input to 8 bits, which turn the reduction's last-bit difference
     from the kernel's k + 1-row product into another token (the demo's int4 file did, 1 prompt of
     5); the kernel gives a row the same bits at any row count."""
 
     fused_one_row = True
+    FUSED_ONE_ROW_MAX = 2**20
 
     def forward(self, x: Tensor) -> Tensor:
         one_row = x.numel() == x.shape[-1]
         if (one_row and self.fused_one_row and torch.compiler.is_compiling() and x.device.type == "cpu"
-                and self.weight.dtype == torch.float32):
+                and self.weight.dtype == torch.float32 and self.weight.numel() <= self.FUSED_ONE_ROW_MAX):
             return (x.unsqueeze(-2) * self.weight).sum(-1)
         inference = not (torch.is_grad_enabled() and self.weight.requires_grad)
         if (x.device.type == "cpu" and self.weight.dtype in (torch.float32, torch.bfloat16) and inference

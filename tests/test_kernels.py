@@ -151,7 +151,8 @@ def test_a_quantized_models_float_layers_take_one_row_through_the_kernel_when_co
     """Compiled, one float32 row is inductor's reduction (fused with its neighbours), whose last bits
     differ from the kernel's k + 1-row product; in a quantized file the next layer's 8-bit rounding
     can turn that into another token, so there every float layer (and the draft head cut from a
-    float head) runs the kernel at every row count. A float model keeps the reduction."""
+    float head) runs the kernel at every row count. A float model keeps the reduction for small
+    weights only: a larger one streams faster through the kernel."""
     calls = []
     original = torch.ops.layerskip.linear
     monkeypatch.setattr(torch.ops.layerskip, "linear", lambda *args: calls.append(args[1].dtype) or original(*args))
@@ -162,6 +163,10 @@ def test_a_quantized_models_float_layers_take_one_row_through_the_kernel_when_co
         fused = layer(x)
         layer.fused_one_row = False
         assert calls == [] and torch.allclose(layer(x), fused, atol=1e-5) and calls == [torch.float32]
+        large = Linear(1024, Linear.FUSED_ONE_ROW_MAX // 1024 + 1, bias=False)
+        assert large.fused_one_row
+        large(torch.randn(1, 1024))
+        assert calls == [torch.float32, torch.float32]
     with torch.device("meta"):  # quantized_layers reads the state's names only
         model = Transformer(ModelArgs(vocab_size=64, dim=64, n_layer=2, n_head=4, n_kv_head=4, head_dim=16,
                                       intermediate_size=40))
