@@ -228,6 +228,15 @@ static inline void prefetch(const void* p, int64_t bytes) {  // the cache lines 
     for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(static_cast<const char*>(p) + line, _mm_hint(hint));
 }
 
+// For weights read as they are, (N, K): a tile reads its CHANNELS rows side by side, so what it reads
+// PREFETCH bytes later lies PREFETCH / CHANNELS bytes further along each row or, near the rows' end,
+// in the thread's next tile. `row`: a channel's row, k: the column read now; `bytes` from there.
+template <class T>
+static inline void prefetch_row(const T* row, int64_t k, int64_t K, int64_t bytes) {
+    const int64_t ahead = k + PREFETCH / CHANNELS / int64_t(sizeof(T));
+    prefetch<_MM_HINT_T0>(ahead < K ? row + ahead : row + (CHANNELS - 1) * K + ahead, bytes);
+}
+
 // The output channels split over the threads in tiles of CHANNELS, the rows in blocks of ROW_BLOCK:
 // add(n0, channels, m0, rows, sums) accumulates the vector sums of rows [m0, m0 + rows) x channels
 // [n0, n0 + channels) from zero, and finish(m, n, sum) writes the result of row m, channel n.
@@ -252,18 +261,21 @@ static void over_tiles(int64_t M, int64_t N, const Add& add, const Finish& finis
 
 #if !VNNI
 // Each float kind of weight: load(n, k) gives LANES weights of channel n from column k as floats,
-// at(n, k) one weight (the columns past the last full vector). Neither asks for its rows ahead of
-// use: prefetching measured 20 -> 12 GB/s on one core in float32, no gain in bfloat16.
+// at(n, k) one weight (the columns past the last full vector); the kinds whose rows are `prefetched`
+// ask for them ahead of use (prefetch_row).
 struct Float32Weight {
     const float* w; int64_t K;
     vec load(int64_t n, int64_t k) const { return vload(w + n * K + k); }
     float at(int64_t n, int64_t k) const { return w[n * K + k]; }
+    static constexpr bool prefetched = false;  // measured: no gain on a Xeon (prefetch_row); 4 KB along
+                                               // each row: 20 -> 12 GB/s on one core of an AMD EPYC
 };
 
 struct BFloat16Weight {
     const uint16_t* w; int64_t K;
     vec load(int64_t n, int64_t k) const { return vload_bf16(w + n * K + k); }
     float at(int64_t n, int64_t k) const { uint32_t b = uint32_t(w[n * K + k]) << 16; float f; std::memcpy(&f, &b, 4); return f; }
+    static constexpr bool prefetched = true;  // a 2-core Xeon, two threads, M = 1 / 7: 23.0 / 16.9 -> 24.2 / 18.5 GB/s
 };
 
 // Columns [k0, k1) of R rows x C channels, added to the vector sums acc[r][c] (kept in memory between
@@ -313,6 +325,8 @@ static void linear(const Weight& wt, const float* x, int64_t M, int64_t K, int64
         const float* xb = x + m0 * K;
         for (int64_t k0 = 0; k0 < full; k0 += COLUMN_BLOCK) {
             const int64_t k1 = std::min(full, k0 + COLUMN_BLOCK);
+            if (Weight::prefetched)
+                for (int c = 0; c < channels; c++) prefetch_row(wt.w + (n0 + c) * K, k0, K, (k1 - k0) * sizeof(*wt.w));
             int64_t m = 0;
             for (; m + ROWS <= rows; m += ROWS) tile_channels<ROWS>(wt, xb + m * K, K, k0, k1, n0, channels, sums + m);
             switch (rows - m) {  // the last rows in one tile too: each weight vector is converted once per
@@ -369,8 +383,9 @@ static void quantize_activations(const float* x, int64_t M, int64_t K, int64_t w
 }
 
 // int8: the codes as the file holds them, (N, K), CHANNELS rows at a time, each row asked for ahead
-// of use (a 2-core Xeon, two threads, 8192 x 2048, M = 1 / 7: 15 / 9 GB/s without it, 21 / 14 with
-// it; 17 / 9 asking 4 KB further along each row: at K = 2048 a row the tile reads already). A vector
+// of use (prefetch_row; a 2-core Xeon, two threads, 8192 x 2048, M = 1 / 7: 15 / 9 GB/s without it,
+// 21 / 14 with it; 17 / 9 asking 4 KB further along each row: at K = 2048 a row the tile reads
+// already). A vector
 // holds VECTOR = 4 * LANES columns; lane j of a dot product sums columns 4j to 4j + 3, in one block
 // of 32. The columns past the last full vector (K not a multiple of VECTOR) are added one by one.
 constexpr int64_t VECTOR = 4 * LANES;
@@ -389,10 +404,7 @@ static inline void int8_tile(const Int8Product& p, int64_t n0, int64_t m0, int64
     for (int64_t k = 0; k < full; k += VECTOR) {
         ivec codes[CHANNELS], magnitude[CHANNELS];
         for (int c = 0; c < CHANNELS; c++) {
-            // The tile reads its rows side by side: what it reads PREFETCH bytes later lies PREFETCH /
-            // CHANNELS further along each row or, near the rows' end, in the thread's next tile.
-            const int64_t ahead = k + PREFETCH / CHANNELS;
-            prefetch<_MM_HINT_T0>(ahead < p.K ? w[c] + ahead : w[c] + (CHANNELS - 1) * p.K + ahead, VECTOR);
+            prefetch_row(w[c], k, p.K, VECTOR);
             codes[c] = iload(w[c] + k);
             magnitude[c] = magnitudes(codes[c]);
         }
