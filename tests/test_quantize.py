@@ -79,11 +79,17 @@ def test_packed_kernels_equal_a_float_matmul_of_the_dequantized_weight(dtype, ke
     """Through each set of CPU kernels, rows of 1, 3 and 8 (decode, a verify pass, a batch), against
     the weight the codes and the layer's scales stand for. Tolerance: 1e-5 of the output's scale in
     float32 (accumulation order only), 1% in bfloat16 (the output rounded to 8 bits of mantissa);
-    for int4 through the engine's kernel, which rounds x to 8 bits per block of 32 columns, also the
-    most that rounding can move an output: sum_k max|x in k's block| / 254 * |code_k * scale_k|, and
-    the float16 it keeps the scale and the shifted zero in (pack_int4): 2^-11 of |code_k * scale_k| +
-    |zero_k - 8 scale_k| times |x_k| (test_kernels.py holds the kernel to the exact product of the
-    rounded x and the float16 scales)."""
+    for int8 and int4 through the engine's kernels, which round x to 8 bits per block of 32 columns,
+    also the most that rounding can move an output: sum_k max|x in k's block| / 254 * |code_k *
+    scale_k|, and for int4 the float16 it keeps the scale and the shifted zero in (pack_int4): 2^-11
+    of |code_k * scale_k| + |zero_k - 8 scale_k| times |x_k| (test_kernels.py holds the kernels to
+    the exact product of the rounded x and the scales they keep)."""
+
+    def rounding(x: torch.Tensor, code_times_scale: torch.Tensor) -> torch.Tensor:
+        blocks = torch.nn.functional.pad(x.double().abs(), (0, -x.shape[-1] % 32)).unflatten(-1, (-1, 32))
+        block_max = blocks.amax(-1).repeat_interleave(32, dim=-1)[..., :x.shape[-1]]
+        return block_max / 254 @ code_times_scale.double().abs().t()
+
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     w = weights("outliers", rows=40, columns=256)  # 40 rows: int4 pads them to 48 for the CPU kernel
     for kind, groupsize in [("int8", 0)] + [("int4", g) for g in quantize.GROUP_SIZES]:
@@ -92,7 +98,7 @@ def test_packed_kernels_equal_a_float_matmul_of_the_dequantized_weight(dtype, ke
             dequantized = quantize.dequantize_int8(layer.codes, layer.scales)
         else:
             dequantized = quantize.dequantize_int4(layer.codes, layer.scales_and_zeros, groupsize)
-        code_times_scale = shifted_zero = torch.zeros_like(dequantized)
+        code_times_scale, shifted_zero = dequantized, torch.zeros_like(dequantized)
         if kind == "int4":
             scale, zero = (layer.scales_and_zeros[..., i].float().t().repeat_interleave(groupsize, dim=1) for i in (0, 1))
             shifted_zero = zero - 8 * scale
@@ -106,15 +112,17 @@ def test_packed_kernels_equal_a_float_matmul_of_the_dequantized_weight(dtype, ke
             assert got.shape == (2, rows, 40) and got.dtype == dtype
             bound = tolerance * expected.abs().max()
             if kernels == "own":
-                block_max = x.double().abs().view(2, rows, -1, 32).amax(-1).repeat_interleave(32, dim=-1)
-                bound = bound + block_max / 254 @ code_times_scale.double().abs().t()
+                bound = bound + rounding(x, code_times_scale)
+            if kernels == "own" and kind == "int4":
                 bound = bound + 2 ** -11 * x.double().abs() @ (code_times_scale.abs() + shifted_zero.abs()).double().t()
             assert ((got.double() - expected).abs() <= bound).all(), (kind, groupsize, rows)
-    # A layer whose input width the int8 kernel cannot take runs as a dequantizing matmul.
+    # A layer whose input width PyTorch's int8 kernel cannot take runs as a dequantizing matmul there.
     layer = linear("int8", weights("random", rows=8, columns=40)).to(dtype)
     x = torch.randn(3, 40).to(dtype)
-    expected = x.double() @ quantize.dequantize_int8(layer.codes, layer.scales).double().t()
-    assert (layer(x).double() - expected).abs().max() <= tolerance * expected.abs().max()
+    dequantized = quantize.dequantize_int8(layer.codes, layer.scales)
+    expected = x.double() @ dequantized.double().t()
+    bound = tolerance * expected.abs().max() + (rounding(x, dequantized) if kernels == "own" else 0)
+    assert ((layer(x).double() - expected).abs() <= bound).all()
 
 
 @pytest.fixture(scope="module")
