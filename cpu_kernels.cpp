@@ -385,9 +385,9 @@ static void quantize_activations(const float* x, int64_t M, int64_t K, int64_t w
 // int8: the codes as the file holds them, (N, K), CHANNELS rows at a time, each row asked for ahead
 // of use (prefetch_row; a 2-core Xeon, two threads, 8192 x 2048, M = 1 / 7: 15 / 9 GB/s without it,
 // 21 / 14 with it; 17 / 9 asking 4 KB further along each row: at K = 2048 a row the tile reads
-// already). A vector
-// holds VECTOR = 4 * LANES columns; lane j of a dot product sums columns 4j to 4j + 3, in one block
-// of 32. The columns past the last full vector (K not a multiple of VECTOR) are added one by one.
+// already). A vector holds VECTOR = 4 * LANES columns; lane j of a dot product sums columns 4j to
+// 4j + 3, in one block of 32. The columns past the last full vector (K not a multiple of VECTOR)
+// are added one by one.
 constexpr int64_t VECTOR = 4 * LANES;
 
 struct Int8Product {
