@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
+import cpu_kernels
 from model import ModelArgs, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -264,7 +265,8 @@ def prefill(model: Transformer, idx: Tensor, lengths: Tensor, rows: Tensor, temp
     it until decoding overwrites it. Per-row settings (tensors) hold a value for every cache row."""
     temperature, top_k, top_p, seed = settings_for(rows, temperature, top_k, top_p, seed)
     input_pos = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)
-    hidden = model_hidden(model, idx, input_pos, early_exit, rows)
+    with cpu_kernels.prompt_pass():  # the head below has a row a prompt: the kernels' case
+        hidden = model_hidden(model, idx, input_pos, early_exit, rows)
     # the head, the largest layer (128k rows for Llama 3), on each prompt's last position only
     last = model.head(hidden[torch.arange(idx.shape[0], device=idx.device), lengths - 1])
     return next_tokens(last, temperature, top_k, top_p, seed, lengths)

@@ -147,6 +147,58 @@ def test_layers_run_the_engines_kernel_on_the_cpu_and_pytorchs_otherwise(monkeyp
     assert calls == []
 
 
+def test_a_prompts_bfloat16_products_give_a_row_the_same_bits_whatever_rows_come_with_it(monkeypatch):
+    """On a CPU with AMX a prompt's pass multiplies bfloat16 weights with oneDNN, whose sums for a row
+    change with the number of rows (on a Xeon, 1 against 33 rows of a 512 x 2048 weight); in chunks of
+    PROMPT_ROWS the rows of 70 computed at once, alone and seven at a time match bit for bit, and the
+    product is the float64 one to bfloat16's rounding. Forced on here whatever the CPU has; outside
+    a prompt's pass the kernel runs (no oneDNN call)."""
+    monkeypatch.setattr(cpu_kernels, "amx", True)
+    calls = []
+    original = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: calls.append(args[0].shape[0]) or original(*args))
+    torch.manual_seed(4)
+    w = (torch.randn(512, 2048) / 2048 ** 0.5).bfloat16()
+    x = torch.randn(70, 2048).bfloat16()
+    cpu_kernels.linear(x, w)
+    assert calls == []
+    with cpu_kernels.prompt_pass():
+        whole = cpu_kernels.linear(x, w)
+        alone = torch.cat([cpu_kernels.linear(x[i:i + 1], w) for i in range(70)])
+        in_sevens = torch.cat([cpu_kernels.linear(x[i:i + 7], w) for i in range(0, 70, 7)])
+    assert set(calls) == {cpu_kernels.PROMPT_ROWS} and not cpu_kernels.in_prompt
+    assert torch.equal(whole, alone) and torch.equal(whole, in_sevens)
+    expected = x.double() @ w.double().t()
+    assert whole.dtype == torch.bfloat16 and (whole.double() - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+def test_a_prompt_prefilled_alone_or_beside_others_gets_the_same_cache_and_first_token(checkpoints, monkeypatch):
+    """prefill runs the layers in a prompt's pass (the oneDNN chunks, forced on) and the head, one row
+    a prompt, through the kernel: a bfloat16 model's caches and first tokens for three prompts
+    prefilled together (right-padded) equal each prompt's alone, bit for bit."""
+    from common import prefill, right_padded
+    monkeypatch.setattr(cpu_kernels, "amx", True)
+    chunks = []
+    original = cpu_kernels.prompt_linear
+    monkeypatch.setattr(cpu_kernels, "prompt_linear", lambda x, w: chunks.append(w.shape) or original(x, w))
+    model = load_model(checkpoints("llama32")[0], dtype=torch.bfloat16)
+    torch.manual_seed(5)
+    prompts = [torch.randint(3, 300, (n,)).tolist() for n in (5, 30, 12)]
+    model.setup_caches(3, 40)
+    with torch.inference_mode():
+        idx, lengths = right_padded(prompts)
+        together = prefill(model, idx, lengths, torch.arange(3), 0.0, None)
+        caches = [(layer.attention.kv_cache.k.clone(), layer.attention.kv_cache.v.clone())
+                  for layer in model.layers]
+        assert len(chunks) == 5 * len(model.layers)  # wqkv, wo, w1, w3 and w2 of each layer; not the head
+        for r, prompt in enumerate(prompts):
+            first = prefill(model, torch.tensor([prompt]), torch.tensor([len(prompt)]), torch.tensor([r]), 0.0, None)
+            assert first.item() == together[r].item()
+            for layer, (k, v) in zip(model.layers, caches):
+                assert torch.equal(layer.attention.kv_cache.k[r, :, :len(prompt)], k[r, :, :len(prompt)])
+                assert torch.equal(layer.attention.kv_cache.v[r, :, :len(prompt)], v[r, :, :len(prompt)])
+
+
 def test_a_quantized_models_float_layers_take_one_row_through_the_kernel_when_compiled(monkeypatch):
     """Compiled, one float32 row is inductor's reduction (fused with its neighbours), whose last bits
     differ from the kernel's k + 1-row product; in a quantized file the next layer's 8-bit rounding
