@@ -250,6 +250,11 @@ def decoding_functions(temperature: Union[float, Tensor], top_k: Union[int, None
         if on_cuda:
             torch._inductor.config.coordinate_descent_tuning = True
             torch._inductor.config.triton.unique_kernel_names = True
+        # Eager rounds each bfloat16 op's result to 16 bits; inductor, fusing ops, keeps float32
+        # between them unless told to round. A verify pass starts its late layers from hidden states
+        # rounded into the exit cache, where an autoregressive step's fused kernels would carry them
+        # unrounded: greedy self-speculation would then drift from autoregression.
+        torch._inductor.config.emulate_precision_casts = True
         mode = "reduce-overhead" if on_cuda else "default"
         decode_fn = torch.compile(decode_one_token, mode=mode, fullgraph=True)
         step_fn = torch.compile(speculative_step, mode=mode, fullgraph=True)

@@ -12,8 +12,9 @@ import torch
 
 from common import generate, generate_batch, prefill
 from conftest import N_LAYER, ROOT, stand_in_model, write_task
-from model import Transformer, load_model
-from self_spec import AUTO_K, AdaptiveK, best_k, speculative_generate, speculative_step, speculative_steps, warm_up
+from model import ModelArgs, Transformer, load_model
+from self_spec import (AUTO_K, AdaptiveK, best_k, decoding_functions, speculative_generate, speculative_step,
+                       speculative_steps, warm_up)
 from tokenizer import load_tokenizer
 
 MAX_NEW = 37  # a multiple of none of k + 1 = 2, 4, 9
@@ -141,6 +142,31 @@ def test_documented_combinations_compile_on_two_threads_one_graph_each_and_exact
     assert json.loads((tmp_path / "eval.json").read_text())["engine"]["generation"]["generated_tokens"] > 0
 
 
+def test_compiled_bfloat16_self_speculation_gives_the_compiled_autoregressive_tokens():
+    """A bfloat16 model, compiled: greedy self-speculation gives the autoregressive tokens, prompt
+    by prompt and in a batch with refills. Eager rounds every op's result to 16 bits; inductor,
+    fusing ops, would keep float32 between them, and a verify pass, whose late layers start from
+    hidden states rounded into the exit cache, would then drift from the autoregressive step (2 of
+    these 20 prompts within 40 tokens, and 10 of 80 over this seed and three others)."""
+    torch.manual_seed(2)
+    model = Transformer(ModelArgs(vocab_size=320, dim=64, n_layer=6, n_head=4, n_kv_head=2, head_dim=16,
+                                  intermediate_size=160, max_seq_length=128)).eval().to(torch.bfloat16)
+    prompts = [torch.randint(3, 300, (4 + 3 * i,)).tolist() for i in range(20)]
+    prefill_fn, steps = decoding_functions(0, None, speculate_k=3, compile=True)
+    _, ar_steps = decoding_functions(0, None, compile=True)
+    runs = {}
+    with torch.inference_mode():
+        for batch_size in (1, 4):
+            model.setup_caches(batch_size, 61 + 40 + 4, 2)  # the longest prompt, its tokens, k + 1
+            for name, run_steps in (("ar", ar_steps), ("spec", steps)):
+                results = generate_batch(model, prompts, 40, prefill_fn=prefill_fn, steps=run_steps, stop_ids=set(),
+                                         batch_size=batch_size)
+                runs[name, batch_size] = [r["generated_tokens"] for r in results]
+    assert all(len(tokens) == 40 for tokens in runs["ar", 1])
+    assert runs["spec", 1] == runs["ar", 1]
+    assert runs["spec", 4] == runs["ar", 4] == runs["ar", 1]
+
+
 # --- --speculate_k auto ---------------------------------------------------------------------------
 
 COSTS = {0: 1.0, 1: 1.4, 2: 1.7, 4: 2.3, 6: 2.9, 8: 3.5}  # seconds of a step at each k (0: autoregressive)
@@ -259,7 +285,8 @@ def test_decoding_functions_bind_the_settings_and_compile_what_the_device_needs(
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     # the inductor flags a CUDA run sets, on a stand-in (importing torch._inductor takes seconds)
-    inductor = SimpleNamespace(coordinate_descent_tuning=False, triton=SimpleNamespace(unique_kernel_names=False))
+    inductor = SimpleNamespace(coordinate_descent_tuning=False, triton=SimpleNamespace(unique_kernel_names=False),
+                               emulate_precision_casts=False)
     monkeypatch.setitem(vars(torch), "_inductor", SimpleNamespace(config=inductor))  # setattr would import it
 
     def bound(fn):  # what a partial calls and with which keywords
@@ -276,13 +303,14 @@ def test_decoding_functions_bind_the_settings_and_compile_what_the_device_needs(
     assert {k: bound(s) for k, s in steps.items()} == {
         k: (speculative_step, dict(k=k, temperature=0, top_k=None)) if k else (decode_one_token, dict(temperature=0, top_k=None))
         for k in AUTO_K}
-    assert compiled == [] and not inductor.coordinate_descent_tuning
+    assert compiled == [] and not inductor.coordinate_descent_tuning and not inductor.emulate_precision_casts
 
     _, steps = decoding_functions(0.7, 5, "auto", compile=True)  # on the CPU: the default mode, prefill eager
     assert [(c.original, c.options) for c in compiled] == [(decode_one_token, dict(mode="default", fullgraph=True)),
                                                            (speculative_step, dict(mode="default", fullgraph=True))]
     assert steps[0].func is compiled[0] and steps[4].func is compiled[1]
     assert not inductor.coordinate_descent_tuning and not inductor.triton.unique_kernel_names
+    assert inductor.emulate_precision_casts is True
     compiled.clear()
     prefill_fn, steps = decoding_functions(0.7, 5, compile=True, device="cuda:1", compile_prefill=True)
     assert [(c.original, c.options) for c in compiled] == [
