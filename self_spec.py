@@ -255,6 +255,12 @@ def decoding_functions(temperature: Union[float, Tensor], top_k: Union[int, None
         # rounded into the exit cache, where an autoregressive step's fused kernels would carry them
         # unrounded: greedy self-speculation would then drift from autoregression.
         torch._inductor.config.emulate_precision_casts = True
+        # Inductor splits a reduction over threads where a kernel has one row (a norm in a one-row
+        # step), so the sum's order, and its last bit, would depend on how many rows come with a
+        # row: a verify pass's k + 1 rows and a batch's B would drift from a lone row. A kernel
+        # gets a thread per 16384 elements of work, so a norm's row (up to 32767 columns) stays
+        # on one; the heavy work is in the engine's own ops, which thread as they choose.
+        torch._inductor.config.cpp.min_chunk_size = 16384
         mode = "reduce-overhead" if on_cuda else "default"
         decode_fn = torch.compile(decode_one_token, mode=mode, fullgraph=True)
         step_fn = torch.compile(speculative_step, mode=mode, fullgraph=True)

@@ -142,6 +142,38 @@ def test_documented_combinations_compile_on_two_threads_one_graph_each_and_exact
     assert json.loads((tmp_path / "eval.json").read_text())["engine"]["generation"]["generated_tokens"] > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_steps_write_a_rows_cache_with_the_same_bits_whatever_rows_come_with_it(dtype):
+    """A late layer's cache entry for a token at one position, from a compiled autoregressive step
+    alone, beside another row, and from a verify pass over k + 1 rows: the same bits. Two threads
+    and a norm over 2048 columns, where inductor would split a one-row norm's sum between the
+    threads (4 of 10 prompts differed in float32); in bfloat16 the verify pass starts from hidden
+    states rounded into the exit cache, which inductor's fused kernels would not round. Every layer
+    holds more than Linear.FUSED_ONE_ROW_MAX weights: the engine's kernel takes one row and k + 1
+    alike (a small float32 layer's one row is inductor's reduction, whose bits differ)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(vocab_size=256, dim=2048, n_layer=2, n_head=8, n_kv_head=4, head_dim=256,
+                                  intermediate_size=1024, max_seq_length=64)).eval().to(dtype)
+    _, ar = decoding_functions(0, None, compile=True)
+    _, spec = decoding_functions(0, None, speculate_k=3, compile=True)
+    try:
+        with torch.inference_mode():
+            for _ in range(6):
+                prompts = torch.randint(0, 256, (2, 6))
+                entries = []
+                for steps, k, rows in ((ar, 0, 1), (spec, 3, 1), (ar, 0, 2)):
+                    model.setup_caches(rows, 32, 1)
+                    first = prefill(model, prompts[:rows], torch.full((rows,), 6), torch.arange(rows), 0, None)
+                    steps[k](model, first.view(rows, 1), torch.full((rows,), 6))
+                    cache = model.layers[1].attention.kv_cache
+                    entries.append(torch.cat([cache.k[0, :, 6], cache.v[0, :, 6]]))
+                assert [torch.equal(entries[0], e) for e in entries[1:]] == [True, True]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_compiled_bfloat16_self_speculation_gives_the_compiled_autoregressive_tokens():
     """A bfloat16 model, compiled: greedy self-speculation gives the autoregressive tokens, prompt
     by prompt and in a batch with refills. Eager rounds every op's result to 16 bits; inductor,
@@ -286,7 +318,7 @@ def test_decoding_functions_bind_the_settings_and_compile_what_the_device_needs(
     monkeypatch.setattr(torch, "compile", fake_compile)
     # the inductor flags a CUDA run sets, on a stand-in (importing torch._inductor takes seconds)
     inductor = SimpleNamespace(coordinate_descent_tuning=False, triton=SimpleNamespace(unique_kernel_names=False),
-                               emulate_precision_casts=False)
+                               emulate_precision_casts=False, cpp=SimpleNamespace(min_chunk_size=512))
     monkeypatch.setitem(vars(torch), "_inductor", SimpleNamespace(config=inductor))  # setattr would import it
 
     def bound(fn):  # what a partial calls and with which keywords
@@ -304,13 +336,14 @@ def test_decoding_functions_bind_the_settings_and_compile_what_the_device_needs(
         k: (speculative_step, dict(k=k, temperature=0, top_k=None)) if k else (decode_one_token, dict(temperature=0, top_k=None))
         for k in AUTO_K}
     assert compiled == [] and not inductor.coordinate_descent_tuning and not inductor.emulate_precision_casts
+    assert inductor.cpp.min_chunk_size == 512
 
     _, steps = decoding_functions(0.7, 5, "auto", compile=True)  # on the CPU: the default mode, prefill eager
     assert [(c.original, c.options) for c in compiled] == [(decode_one_token, dict(mode="default", fullgraph=True)),
                                                            (speculative_step, dict(mode="default", fullgraph=True))]
     assert steps[0].func is compiled[0] and steps[4].func is compiled[1]
     assert not inductor.coordinate_descent_tuning and not inductor.triton.unique_kernel_names
-    assert inductor.emulate_precision_casts is True
+    assert inductor.emulate_precision_casts is True and inductor.cpp.min_chunk_size == 16384
     compiled.clear()
     prefill_fn, steps = decoding_functions(0.7, 5, compile=True, device="cuda:1", compile_prefill=True)
     assert [(c.original, c.options) for c in compiled] == [
