@@ -145,7 +145,7 @@ def logits_to_probs(logits: Tensor, temperature: Union[float, Tensor], top_k: Un
     if isinstance(temperature, Tensor):
         return row_probs(logits, temperature, top_k, top_p)
     if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
+        return torch.nn.functional.one_hot(greedy_tokens(logits), logits.shape[-1]).to(torch.float32)
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -167,7 +167,7 @@ def row_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor)
     kept = mass_before < per_row(top_p, logits)  # the first is always kept: nothing is above it
     threshold = torch.maximum(torch.where(kept, ordered, float("inf")).amin(-1, keepdim=True), kth)
     probs = torch.softmax(torch.where(scaled < threshold, -float("inf"), scaled), dim=-1)
-    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), vocab).to(torch.float32)
+    one_hot = torch.nn.functional.one_hot(greedy_tokens(logits), vocab).to(torch.float32)
     return torch.where(greedy, one_hot, probs)
 
 
@@ -217,6 +217,16 @@ def is_greedy(temperature: Union[float, Tensor]) -> bool:
     return not isinstance(temperature, Tensor) and temperature == 0
 
 
+def greedy_tokens(logits: Tensor) -> Tensor:
+    """argmax over the last dim (the first of equal maxima). Written as a max and the least index
+    that holds it: inductor writes an argmax over bfloat16 logits as scalar code, a max and a min
+    as vector code (a 128256-token row: 84 us against 358 on two threads)."""
+    vocab = logits.shape[-1]
+    index = torch.arange(vocab, device=logits.device)
+    first = torch.where(logits == logits.amax(-1, keepdim=True), index, vocab).amin(-1)
+    return first.clamp(max=vocab - 1)  # a row of NaN has no maximum: keep its token a valid id
+
+
 def next_tokens(logits: Tensor, temperature: Union[float, Tensor], top_k: Union[int, None, Tensor],
                 top_p: Optional[Tensor] = None, seed: Optional[Tensor] = None, position: Optional[Tensor] = None,
                 purpose: int = TOKEN) -> Tensor:
@@ -224,7 +234,7 @@ def next_tokens(logits: Tensor, temperature: Union[float, Tensor], top_k: Union[
     Greedy is the argmax itself: the same token without a one-hot and a random race over the
     vocabulary (for a 128k vocabulary, 512 KB a row)."""
     if is_greedy(temperature):
-        return logits.argmax(-1)
+        return greedy_tokens(logits)
     return sample_from_probs(logits_to_probs(logits, temperature, top_k, top_p), seed, position, purpose)
 
 

@@ -30,7 +30,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from common import (ACCEPT, DRAFT, atomic_write, decode_one_token, generate_batch, is_greedy, logits_to_probs, prefill,
+from common import (ACCEPT, DRAFT, atomic_write, decode_one_token, generate_batch, greedy_tokens, is_greedy, logits_to_probs, prefill,
                     row_uniform, sample_from_probs)
 from model import ModelArgs, Transformer
 from tokenizer import load_tokenizer
@@ -56,7 +56,7 @@ def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, tem
     for i in range(k):  # unrolled when compiled: k is a constant
         logits = model.draft_head(model.early(x, (pos + i)[:, None]))[:, -1]
         if greedy:
-            choice = logits.argmax(-1)  # an index into the draft head's tokens
+            choice = greedy_tokens(logits)  # an index into the draft head's tokens
         else:
             probs = logits_to_probs(logits, temperature, top_k, top_p)
             choice = sample_from_probs(probs, seed, pos + i + 1, DRAFT)
@@ -71,7 +71,7 @@ def speculative_step(model: Transformer, token: Tensor, pos: Tensor, k: int, tem
     target_logits = model.head(model.late(exit_states, positions))
     draft = torch.cat(drafts, 1)  # (B, k)
     if greedy:  # what the rule below gives on one-hot distributions: accept while draft = argmax
-        target = target_logits.argmax(-1)  # (B, k + 1)
+        target = greedy_tokens(target_logits)  # (B, k + 1)
         n = accepted_count(draft == target[:, :k], limit)
         next_token = target[rows, n][:, None]
     else:

@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 
-from common import decode_one_token, generate, generate_batch, logits_to_probs, prefill
+from common import decode_one_token, generate, generate_batch, greedy_tokens, logits_to_probs, prefill
 from conftest import N_LAYER, stand_in_model
 from model import ModelArgs, Transformer, load_model
 from self_spec import AUTO_K, AdaptiveK, measure_step_seconds, speculative_generate, speculative_steps
@@ -354,6 +354,21 @@ def test_loop_bookkeeping_on_a_scripted_model():
     assert len(results[2]["generated_tokens"]) == context - lengths[2]  # the context, not max_new, ends it
     assert len(results[4]["generated_tokens"]) == 1 and results[4]["acceptance_rate"] is None
     assert any(len(taken[i]) > 2 for i in taken) and any(k == 0 for i in taken for k, _ in taken[i])
+
+
+def test_greedy_tokens_are_torchs_argmax_ties_included_eager_and_compiled():
+    """The first of equal maxima, as torch.argmax, over bfloat16 and float32 logits of any rank
+    drawn from few values (most rows hold ties for the maximum); a row of NaN gets a valid id."""
+    torch.manual_seed(0)
+    compiled = torch.compile(greedy_tokens, fullgraph=True, dynamic=False)
+    for dtype in (torch.bfloat16, torch.float32):
+        for shape in ((3, 7), (2, 3, 257), (5, 1000)):
+            logits = torch.randint(-3, 4, shape).to(dtype)
+            expected = logits.argmax(-1)
+            assert (logits == logits.amax(-1, keepdim=True)).sum(-1).gt(1).any()  # ties are there
+            assert torch.equal(greedy_tokens(logits), expected) and torch.equal(compiled(logits), expected)
+    nan = torch.full((2, 9), float("nan"))
+    assert torch.equal(greedy_tokens(nan), torch.tensor([8, 8]))
 
 
 def test_logits_to_probs_exactly():
