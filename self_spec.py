@@ -30,8 +30,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from common import (ACCEPT, DRAFT, atomic_write, decode_one_token, generate_batch, greedy_tokens, is_greedy, logits_to_probs, prefill,
-                    row_uniform, sample_from_probs)
+from common import (ACCEPT, DRAFT, atomic_write, decode_one_token, generate_batch, greedy_tokens, is_greedy,
+                    logits_to_probs, prefill, row_uniform, sample_from_probs)
 from model import ModelArgs, Transformer
 from tokenizer import load_tokenizer
 
