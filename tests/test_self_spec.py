@@ -151,13 +151,13 @@ def test_compiled_steps_write_a_rows_cache_with_the_same_bits_whatever_rows_come
     states rounded into the exit cache, which inductor's fused kernels would not round. Every layer
     holds more than Linear.FUSED_ONE_ROW_MAX weights: the engine's kernel takes one row and k + 1
     alike (a small float32 layer's one row is inductor's reduction, whose bits differ)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
     torch.manual_seed(0)
     model = Transformer(ModelArgs(vocab_size=256, dim=2048, n_layer=2, n_head=8, n_kv_head=4, head_dim=256,
                                   intermediate_size=1024, max_seq_length=64)).eval().to(dtype)
     _, ar = decoding_functions(0, None, compile=True)
     _, spec = decoding_functions(0, None, speculate_k=3, compile=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     try:
         with torch.inference_mode():
             for _ in range(6):
