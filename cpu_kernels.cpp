@@ -1,6 +1,6 @@
 // CPU linear-layer kernels for weight-streaming decoding (see cpu_kernels.py, which builds this file
 // at first use). One op, layerskip::linear, compiled for AVX-512 (with and without VNNI) and for AVX2
-// and chosen at run time.
+// and chosen at run time; int4 products of several rows use AMX's int8 tiles where the CPU has them.
 //
 // The kernels are written once, in the second half of this file, which the first half includes three
 // times (#include __FILE__), each time inside its own namespace and `#pragma GCC target`, with LANES 16
@@ -17,13 +17,18 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
-// Channels a thread's tile holds, and columns of a block of packed int4 weights (pack_int4).
+// Channels a thread's tile holds (float and int8 weights; int4: INT4_CHANNELS), and columns of a
+// block of packed int4 weights (pack_int4).
 constexpr int CHANNELS = 4;
+constexpr int INT4_CHANNELS = 16;
 constexpr int64_t BLOCK = 128;
 
 #pragma GCC push_options
@@ -38,8 +43,9 @@ namespace avx512 {
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
-namespace avx512_vnni {  // only the int8 and int4 kernels: the float ones have no use for VNNI
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,amx-tile,amx-int8")
+namespace avx512_vnni {  // only the int8 and int4 kernels: the float ones have no use for VNNI; the tile
+                         // instructions run only where supported_isa says 4
 #define LANES 16
 #define VNNI 1
 #include __FILE__
@@ -59,13 +65,25 @@ namespace avx2 {
 }  // namespace avx2
 #pragma GCC pop_options
 
-// 3: AVX-512 (F, BW, VL, DQ) with VNNI, 2: without, 1: AVX2 with FMA and F16C, 0: none of them (the caller
-// keeps PyTorch's kernels).
+// AMX's int8 tiles, where the CPU has them and Linux grants them: a process must ask for the tile
+// registers' state (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA) before its first tile
+// instruction.
+static bool amx_granted() {
+    static const bool granted = [] {
+        unsigned a, b, c, d;
+        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
+        return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    }();
+    return granted;
+}
+
+// 4: AVX-512 with VNNI and AMX's int8 tiles, 3: with VNNI, 2: without, 1: AVX2 with FMA and F16C, 0:
+// none of them (the caller keeps PyTorch's kernels).
 int64_t supported_isa() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-        return __builtin_cpu_supports("avx512vnni") ? 3 : 2;
+        return __builtin_cpu_supports("avx512vnni") ? (amx_granted() ? 4 : 3) : 2;
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") ? 1 : 0;
 }
 
@@ -79,12 +97,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     const int64_t K = x.size(1), N = weight.size(0);
     const auto kind = weight.scalar_type();
     if (kind == at::kByte) {
-        // pack_int4's layout: N x (bytes per channel) in name, the storage holds whole tiles and 16 bytes more
+        // pack_int4's layout: N x (bytes per channel) in name, the storage holds whole tiles
         const int64_t blocks = (K + BLOCK - 1) / BLOCK, per_channel = blocks * (BLOCK / 2 + 4 * std::max<int64_t>(1, BLOCK / group));
         TORCH_CHECK(group >= 32 && group <= 256 && (group & (group - 1)) == 0 && K % group == 0 &&
                     weight.size(1) == per_channel && !scales, "int4: not packed by pack_int4 for this group and K");
-        TORCH_CHECK(int64_t(weight.storage().nbytes()) - weight.storage_offset() >= (N + CHANNELS - 1) / CHANNELS * CHANNELS * per_channel + 16,
-                    "int4: the packed storage is short");
+        TORCH_CHECK(int64_t(weight.storage().nbytes()) - weight.storage_offset() >=
+                    (N + INT4_CHANNELS - 1) / INT4_CHANNELS * INT4_CHANNELS * per_channel, "int4: the packed storage is short");
     } else {
         TORCH_CHECK(kind == at::kFloat || kind == at::kBFloat16 || kind == at::kChar, "weight dtype");
         TORCH_CHECK(weight.size(1) == K, "weight and x differ in K");
@@ -93,8 +111,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     }
     at::Tensor y = at::empty({x.size(0), N}, x.options());
     at::Tensor s = scales ? scales->contiguous() : at::Tensor();
-    if (isa == 3 && kind == at::kByte) avx512_vnni::run_int4(x, weight, group, y);
-    else if (isa == 3 && kind == at::kChar) avx512_vnni::run_int8(x, weight, s, y);
+    if (isa >= 3 && kind == at::kByte) avx512_vnni::run_int4(x, weight, group, y, isa == 4);
+    else if (isa >= 3 && kind == at::kChar) avx512_vnni::run_int8(x, weight, s, y);
     else if (isa >= 2) avx512::run(x, weight, s, group, y);
     else avx2::run(x, weight, s, group, y);
     return y;
@@ -157,17 +175,31 @@ static inline ivec iload(const void* p) { return _mm512_loadu_si512(p); }
 static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 static inline vec vcvt(ivec a) { return _mm512_cvtepi32_ps(a); }
 static inline ivec nibbles(ivec bytes, int shift) { return _mm512_and_si512(_mm512_srli_epi16(bytes, shift), _mm512_set1_epi8(15)); }
-static inline vec load_halves(const uint16_t* p) {  // 8 float16 as the first 8 lanes
-    return _mm512_cvtph_ps(_mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+static inline vec vload_halves(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vabs(vec a) { return _mm512_abs_ps(a); }
+static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline float vmax_all(vec a) { return _mm512_reduce_max_ps(a); }
+// LANES values rounded to the nearest integer (ties to even, as std::nearbyint), stored as int8
+static inline void vstore_rounded(int8_t* p, vec a) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a)));
 }
-static inline vec lookup(ivec index, vec table) { return _mm512_permutexvar_ps(index, table); }
-static inline ivec lane_index(const int* p) { return _mm512_loadu_si512(p); }
-// Lane j: the sum of the 4 products of bytes 4j..4j+3 of u (unsigned) and s (signed), for both pairs.
-static inline ivec dot4(ivec u, ivec s, ivec u2, ivec s2) {
-#if VNNI
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s), u2, s2);
-#else  // pairs of products as int16 (at most 4 x 15 x 127: no overflow), then pairs of pairs
-    return _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(u, s), _mm512_maddubs_epi16(u2, s2)), _mm512_set1_epi16(1));
+// Lane j: the sum over r of the 4 products of bytes 4j..4j+3 of w[r] (unsigned, at most 15) and the
+// 4 bytes q[4r..4r+3] (signed), r = 0..7: one channel's span of 32 columns against x's.
+static inline ivec span_dot(const ivec* w, const int8_t* q) {
+    int32_t quad[8];
+    std::memcpy(quad, q, 32);
+#if VNNI  // two chains of sums: each dot product waits for the one before it in its chain
+    ivec a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
+    for (int r = 0; r < 8; r += 2) {
+        a = _mm512_dpbusd_epi32(a, w[r], _mm512_set1_epi32(quad[r]));
+        b = _mm512_dpbusd_epi32(b, w[r + 1], _mm512_set1_epi32(quad[r + 1]));
+    }
+    return _mm512_add_epi32(a, b);
+#else  // pairs of products as int16, summed in int16 (at most 16 x 15 x 127: no overflow), then pairs of pairs
+    ivec pairs = _mm512_maddubs_epi16(w[0], _mm512_set1_epi32(quad[0]));
+    for (int r = 1; r < 8; r++) pairs = _mm512_add_epi16(pairs, _mm512_maddubs_epi16(w[r], _mm512_set1_epi32(quad[r])));
+    return _mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
 #endif
 }
 static inline ivec magnitudes(ivec a) { return _mm512_abs_epi8(a); }
@@ -205,11 +237,26 @@ static inline ivec iload(const void* p) { return _mm256_loadu_si256(reinterpret_
 static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 static inline vec vcvt(ivec a) { return _mm256_cvtepi32_ps(a); }
 static inline ivec nibbles(ivec bytes, int shift) { return _mm256_and_si256(_mm256_srli_epi16(bytes, shift), _mm256_set1_epi8(15)); }
-static inline vec load_halves(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-static inline vec lookup(ivec index, vec table) { return _mm256_permutevar8x32_ps(table, index); }
-static inline ivec lane_index(const int* p) { return iload(p); }
-static inline ivec dot4(ivec u, ivec s, ivec u2, ivec s2) {  // as on AVX-512 without VNNI
-    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u, s), _mm256_maddubs_epi16(u2, s2)), _mm256_set1_epi16(1));
+static inline vec vload_halves(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vabs(vec a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), a); }
+static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+static inline float vmax_all(vec a) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+static inline void vstore_rounded(int8_t* p, vec a) {  // as on AVX-512 (|a| <= 127: the packs do not saturate)
+    const __m256i i = _mm256_cvtps_epi32(a);
+    const __m128i pairs = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(pairs, pairs));
+}
+static inline ivec span_dot(const ivec* w, const int8_t* q) {  // as on AVX-512 without VNNI
+    int32_t quad[8];
+    std::memcpy(quad, q, 32);
+    ivec pairs = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(quad[0]));
+    for (int r = 1; r < 8; r++) pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[r], _mm256_set1_epi32(quad[r])));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 static inline ivec magnitudes(ivec a) { return _mm256_abs_epi8(a); }
 static inline ivec signed_dot(ivec magnitude, ivec w, ivec q) {  // as on AVX-512 without VNNI
@@ -237,23 +284,28 @@ static inline void prefetch_row(const T* row, int64_t k, int64_t K, int64_t byte
     prefetch<_MM_HINT_T0>(ahead < K ? row + ahead : row + (CHANNELS - 1) * K + ahead, bytes);
 }
 
-// The output channels split over the threads in tiles of CHANNELS, the rows in blocks of ROW_BLOCK:
-// add(n0, channels, m0, rows, sums) accumulates the vector sums of rows [m0, m0 + rows) x channels
-// [n0, n0 + channels) from zero, and finish(m, n, sum) writes the result of row m, channel n.
-template <class Add, class Finish>
+struct NoThreadState {
+    explicit NoThreadState(int64_t) {}
+};
+
+// The output channels split over the threads in tiles of TILE, the rows in blocks of ROW_BLOCK, each
+// row of a tile with VECS vector sums: add(n0, channels, m0, rows, sums) accumulates the sums of rows
+// [m0, m0 + rows) x channels [n0, n0 + channels) from zero, and finish(m, n0, channels, sums[r])
+// writes row m's results. A ThreadState(M) lives while a thread works through its tiles.
+template <int TILE, int VECS, class ThreadState = NoThreadState, class Add, class Finish>
 static void over_tiles(int64_t M, int64_t N, const Add& add, const Finish& finish) {
-    at::parallel_for(0, (N + CHANNELS - 1) / CHANNELS, 1, [&](int64_t begin, int64_t end) {
-        vec sums[ROW_BLOCK][CHANNELS];
+    at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t begin, int64_t end) {
+        ThreadState state(M);
+        vec sums[ROW_BLOCK][VECS];
         for (int64_t t = begin; t < end; t++) {
-            const int64_t n0 = t * CHANNELS;
-            const int channels = int(std::min<int64_t>(CHANNELS, N - n0));
+            const int64_t n0 = t * TILE;
+            const int channels = int(std::min<int64_t>(TILE, N - n0));
             for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
                 const int64_t rows = std::min(ROW_BLOCK, M - m0);
                 for (int64_t r = 0; r < rows; r++)
-                    for (int c = 0; c < CHANNELS; c++) sums[r][c] = vzero();
+                    for (int c = 0; c < VECS; c++) sums[r][c] = vzero();
                 add(n0, channels, m0, rows, sums);
-                for (int64_t r = 0; r < rows; r++)
-                    for (int c = 0; c < channels; c++) finish(m0 + r, n0 + c, sums[r][c]);
+                for (int64_t r = 0; r < rows; r++) finish(m0 + r, n0, channels, sums[r]);
             }
         }
     });
@@ -337,10 +389,12 @@ static void linear(const Weight& wt, const float* x, int64_t M, int64_t K, int64
             }
         }
     };
-    over_tiles(M, N, add, [&](int64_t m, int64_t n, vec sum) {
-        float s = vsum(sum);
-        for (int64_t k = full; k < K; k++) s = std::fma(x[m * K + k], wt.at(n, k), s);
-        y[m * N + n] = s;
+    over_tiles<CHANNELS, CHANNELS>(M, N, add, [&](int64_t m, int64_t n0, int channels, const vec* sums) {
+        for (int64_t n = n0; n < n0 + channels; n++) {
+            float s = vsum(sums[n - n0]);
+            for (int64_t k = full; k < K; k++) s = std::fma(x[m * K + k], wt.at(n, k), s);
+            y[m * N + n] = s;
+        }
     });
 }
 
@@ -353,31 +407,33 @@ static void linear(const Weight& wt, const float* x, int64_t M, int64_t K, int64
 // integer sums are exact and each (row, channel) adds its floats in one order, so a row's result
 // still does not depend on the rows beside it.
 //
-// Column k of row r goes to q[r * width + place(k)] (width: K padded to a multiple of 32, the
-// columns past K quantized as 0); each run of `span` columns (4 or 8, within one block) gets its
-// block's d and, where xsum is given, the sum of its columns of x: the per-lane values of a dot
-// product whose lanes sum `span` columns each.
-template <class Place>
-static void quantize_activations(const float* x, int64_t M, int64_t K, int64_t width, int span, const Place& place,
-                                 int8_t* q, float* d, float* xsum) {
+// Row r's columns go to q[r * width ...] (width: K padded to a multiple of 32, the columns past K
+// quantized as 0); each run of `span` columns (4: int8's dot product lanes, 32: int4's spans) gets
+// its block's d, and where xsum is given, each block the sum of its columns of x.
+static void quantize_activations(const float* x, int64_t M, int64_t K, int64_t width, int span, int8_t* q, float* d,
+                                 float* xsum) {
     at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; r++)
             for (int64_t b = 0; b < width; b += 32) {
-                float v[32], amax = 0.f;
-                for (int i = 0; i < 32; i++) {
-                    v[i] = b + i < K ? x[r * K + b + i] : 0.f;
-                    amax = std::max(amax, std::fabs(v[i]));
+                const float* xb = x + r * K + b;
+                float tail[32];
+                if (b + 32 > K) {  // the last block, partly past K
+                    std::fill(tail, tail + 32, 0.f);
+                    std::copy(xb, x + (r + 1) * K, tail);
+                    xb = tail;
                 }
-                const float inverse = amax > 0.f ? 127.f / amax : 0.f;
-                for (int i = 0; i < 32; i++) q[r * width + place(b + i)] = int8_t(std::nearbyint(v[i] * inverse));
-                for (int j = 0; j < 32 / span; j++) {
-                    const int64_t at = (r * width + b) / span + j;
-                    d[at] = amax / 127.f;
-                    if (!xsum) continue;
-                    float sum = 0.f;
-                    for (int i = 0; i < span; i++) sum += v[span * j + i];
-                    xsum[at] = sum;
+                vec v[32 / LANES], most = vzero();
+                for (int i = 0; i < 32 / LANES; i++) {
+                    v[i] = vload(xb + i * LANES);
+                    most = vmax(most, vabs(v[i]));
                 }
+                const float amax = vmax_all(most), inverse = amax > 0.f ? 127.f / amax : 0.f;
+                for (int i = 0; i < 32 / LANES; i++) vstore_rounded(q + r * width + b + i * LANES, vmul(v[i], vset1(inverse)));
+                for (int j = 0; j < 32 / span; j++) d[(r * width + b) / span + j] = amax / 127.f;
+                if (!xsum) continue;
+                vec sum = v[0];
+                for (int i = 1; i < 32 / LANES; i++) sum = vadd(sum, v[i]);
+                xsum[(r * width + b) / 32] = vsum(sum);
             }
     });
 }
@@ -425,97 +481,220 @@ static void run_int8(const at::Tensor& x, const at::Tensor& weight, const at::Te
     at::Tensor q = at::empty({M * width}, x.options().dtype(at::kChar));
     at::Tensor d = at::empty({M * width / 4}, x.options());
     const Int8Product p{weight.data_ptr<int8_t>(), scales.data_ptr<float>(), N, K, width, q.data_ptr<int8_t>(), d.data_ptr<float>()};
-    quantize_activations(x.data_ptr<float>(), M, K, width, 4, [](int64_t k) { return k; }, q.data_ptr<int8_t>(),
-                         d.data_ptr<float>(), nullptr);
+    quantize_activations(x.data_ptr<float>(), M, K, width, 4, q.data_ptr<int8_t>(), d.data_ptr<float>(), nullptr);
     float* yp = y.data_ptr<float>();
     auto add = [&](int64_t n0, int, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) { int8_tile(p, n0, m0, rows, sums); };
-    over_tiles(M, N, add, [&](int64_t m, int64_t n, vec sum) {
-        float s = vsum(sum);
-        for (int64_t b = full; b < K; b += 32) {  // full is a multiple of 32: the tail's blocks start there
-            int32_t dot = 0;
-            for (int64_t k = b; k < std::min(K, b + 32); k++) dot += int32_t(p.w[n * K + k]) * p.q[m * width + k];
-            s = std::fma(float(dot), p.d[(m * width + b) / 4], s);
+    over_tiles<CHANNELS, CHANNELS>(M, N, add, [&](int64_t m, int64_t n0, int channels, const vec* sums) {
+        for (int64_t n = n0; n < n0 + channels; n++) {
+            float s = vsum(sums[n - n0]);
+            for (int64_t b = full; b < K; b += 32) {  // full is a multiple of 32: the tail's blocks start there
+                int32_t dot = 0;
+                for (int64_t k = b; k < std::min(K, b + 32); k++) dot += int32_t(p.w[n * K + k]) * p.q[m * width + k];
+                s = std::fma(float(dot), p.d[(m * width + b) / 4], s);
+            }
+            yp[m * N + n] = s * p.scales[n];
         }
-        yp[m * N + n] = s * p.scales[n];
     });
 }
 
 // int4: the weights are packed at load (cpu_kernels.pack_int4) so that a thread reads one stream of
-// memory: per tile of CHANNELS channels and per block of BLOCK columns, the tile's codes (BLOCK / 2
-// bytes a channel; high nibbles the even columns, low nibbles the odd ones), then its (scale,
-// shifted zero) pairs in float16, `pairs` = max(1, BLOCK / group) a channel. Reading tiles of
-// separate rows of codes and scales (8 streams a core) ran at half the rate of one stream here.
+// memory: per tile of INT4_CHANNELS = 16 channels and per block of BLOCK columns, the codes of the
+// block's spans of SPAN = 32 columns (256 bytes each), then the tile's (scale, shifted zero) pairs
+// in float16 (16 scales, then 16 zeros) for each of the block's max(1, BLOCK / group) groups.
+// Reading tiles of separate rows of codes and scales (8 streams a core) ran at half the rate of one
+// stream here.
 //
-// A chunk of CHUNK = 8 * LANES columns (one block on AVX-512, half of one on AVX2) of a channel is
-// 4 * LANES bytes of codes. Lane j of a dot product sums 4 bytes of each nibble half, columns 8j to
-// 8j + 7 of the chunk, which lie in one block of 32 and in one group. The activations are laid out
-// to match: per row and chunk, the codes of its even columns, then of its odd ones, and per lane
-// its block's d and the sum of its 8 columns of x.
-constexpr int64_t CHUNK = 8 * LANES;
-constexpr int HALVES = BLOCK / CHUNK;
+// A span's bytes are 4 rows of 64: byte 4c + j of row r holds channel c's columns 4r + j (low
+// nibble) and 16 + 4r + j (high nibble). Its two nibble halves are thus 8 rows of 16 channels x 4
+// columns: the layout of a dot product whose lane c sums 4 columns of channel c, and of the weight
+// operand of AMX's tile product. So a lane sums one channel over a span exactly, in integers, and the
+// activations, quantized per span (one d and one sum of x each), are read in place. Each (row,
+// channel) adds d * scale * sum(code * q) + shifted zero * sum(x) once per span, in the order of the
+// spans, whichever path computes the integer sums.
+constexpr int64_t SPAN = 32, SPAN_BYTES = INT4_CHANNELS * SPAN / 2;
+constexpr int SPANS = BLOCK / SPAN, INT4_VECS = INT4_CHANNELS / LANES;
 
 struct Int4Product {
-    const uint8_t* w; int64_t blocks, block_bytes, pairs, chunks;
-    const int8_t* q; const float* d; const float* xsum;  // the activations
-    int lane_scale[HALVES][LANES], lane_zero[HALVES][LANES];  // lane j's scale and zero among a channel's pairs
+    const uint8_t* w; int64_t blocks, block_bytes, spans;  // spans: K / SPAN
+    int pair[SPANS];  // span s of a block: its group's pair among the block's
+    const int8_t* q; const float* d; const float* xsum;  // the activations: q (M, K), d and xsum (M, spans)
 };
 
-// The tile of channels from n0 against rows [m0, m0 + rows): each chunk's codes are unpacked once
-// for all the rows. A tile past the last channel holds zeros; its sums are not written.
-static inline void int4_tile(const Int4Product& p, int64_t n0, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) {
-    const uint8_t* block = p.w + n0 / CHANNELS * p.blocks * p.block_bytes;
+// One span of one tile: its 8 rows of codes for channels [h * LANES, (h + 1) * LANES) of the tile.
+static inline void span_codes(const uint8_t* span, int h, ivec* w) {
+    for (int r = 0; r < 4; r++) {
+        const ivec bytes = iload(span + r * 4 * INT4_CHANNELS + h * 4 * LANES);
+        w[r] = nibbles(bytes, 0);
+        w[r + 4] = nibbles(bytes, 4);
+    }
+}
+
+// A row's sums of LANES channels after the span `at` = row * spans + span, whose integer sums are
+// `dot`, with those channels' scale and shifted zero of the span's group.
+static inline vec add_span(vec sum, ivec dot, const Int4Product& p, int64_t at, vec scale, vec zero) {
+    return vfma(vmul(vcvt(dot), vset1(p.d[at])), scale, vfma(zero, vset1(p.xsum[at]), sum));
+}
+
+// Tile t (channels from t * INT4_CHANNELS) against rows [m0, m0 + rows): each span's codes are
+// unpacked once for all the rows. A tile's channels past N are zeros; their sums are not written.
+static inline void int4_tile(const Int4Product& p, int64_t t, int64_t m0, int64_t rows, vec (*sums)[INT4_VECS]) {
+    const uint8_t* block = p.w + t * p.blocks * p.block_bytes;
     for (int64_t b = 0; b < p.blocks; b++, block += p.block_bytes) {
         // Into L2, not L1: on a 2-core Xeon (AVX-512 VNNI) 17 -> 20-21 GB/s from memory at M = 1 on two
         // threads, 9 -> 10.5 on one (int8's rows: 3% slower into L2, so they keep L1)
         prefetch<_MM_HINT_T1>(block + PREFETCH, p.block_bytes);
-        const uint16_t* pairs = reinterpret_cast<const uint16_t*>(block + CHANNELS * BLOCK / 2);
-        for (int h = 0; h < HALVES; h++) {
-            const int64_t c = b * HALVES + h;
-            const ivec scale_index = lane_index(p.lane_scale[h]), zero_index = lane_index(p.lane_zero[h]);
-            ivec high[CHANNELS], low[CHANNELS];
-            vec scale[CHANNELS], zero[CHANNELS];
-            for (int i = 0; i < CHANNELS; i++) {
-                const ivec bytes = iload(block + i * BLOCK / 2 + h * CHUNK / 2);
-                high[i] = nibbles(bytes, 4);
-                low[i] = nibbles(bytes, 0);
-                const vec table = load_halves(pairs + i * 2 * p.pairs);
-                scale[i] = lookup(scale_index, table);
-                zero[i] = lookup(zero_index, table);
-            }
-            for (int64_t r = 0; r < rows; r++) {
-                const int64_t at = (m0 + r) * p.chunks + c;
-                const ivec even = iload(p.q + at * CHUNK), odd = iload(p.q + at * CHUNK + CHUNK / 2);
-                const vec d = vload(p.d + at * LANES), xsum = vload(p.xsum + at * LANES);
-#pragma GCC unroll 4
-                for (int i = 0; i < CHANNELS; i++) {
-                    const vec products = vmul(vcvt(dot4(high[i], even, low[i], odd)), d);
-                    sums[r][i] = vfma(products, scale[i], vfma(zero[i], xsum, sums[r][i]));
+        const uint16_t* pairs = reinterpret_cast<const uint16_t*>(block + SPANS * SPAN_BYTES);
+        const int spans = int(std::min<int64_t>(SPANS, p.spans - b * SPANS));
+        for (int s = 0; s < spans; s++)
+            for (int h = 0; h < INT4_VECS; h++) {
+                ivec w[8];
+                span_codes(block + s * SPAN_BYTES, h, w);
+                const uint16_t* pair = pairs + p.pair[s] * 2 * INT4_CHANNELS + h * LANES;
+                const vec scale = vload_halves(pair), zero = vload_halves(pair + INT4_CHANNELS);
+                for (int64_t r = 0; r < rows; r++) {
+                    const int64_t at = (m0 + r) * p.spans + b * SPANS + s;
+                    sums[r][h] = add_span(sums[r][h], span_dot(w, p.q + at * SPAN), p, at, scale, zero);
                 }
             }
-        }
     }
 }
 
-// x (M, K) float32 against the packed weight of N channels (pack_int4).
-static void run_int4(const at::Tensor& x, const at::Tensor& weight, int64_t group, at::Tensor& y) {
-    const int64_t M = x.size(0), K = x.size(1), N = y.size(1), blocks = (K + BLOCK - 1) / BLOCK;
-    const int64_t pairs = std::max<int64_t>(1, BLOCK / group), chunks = blocks * HALVES;
-    at::Tensor q = at::empty({M * chunks * CHUNK}, x.options().dtype(at::kChar));
-    at::Tensor d = at::empty({2, M * chunks * LANES}, x.options());
-    Int4Product p{weight.data_ptr<uint8_t>(), blocks, CHANNELS * (BLOCK / 2 + 4 * pairs), pairs, chunks,
-                  q.data_ptr<int8_t>(), d.data_ptr<float>(), d.data_ptr<float>() + M * chunks * LANES, {}, {}};
-    for (int h = 0; h < HALVES; h++)
-        for (int j = 0; j < LANES; j++) {
-            const int pair = group <= BLOCK ? int((h * CHUNK + 8 * j) / group) : 0;
-            p.lane_scale[h][j] = 2 * pair;
-            p.lane_zero[h][j] = 2 * pair + 1;
+#if VNNI
+// AMX: each span's integer sums for R rows x the tile's 16 channels in one tile product (tdpbsud: x's
+// bytes signed, the codes unsigned), the same integers as span_dot's, then the same float steps per
+// row: a row gets the same bits from either path. R = 8 or 16 rows (amx_rows), x padded with zero
+// rows to a multiple of R; a tile of rows keeps its sums in registers over all of K. Tiles 0-3: a
+// block's 4 spans' sums, 4-5: x, 6-7: the codes, unpacked to memory (the tiles load from there).
+//
+// A tile product costs the same whatever its rows, and each span needs one of its own (its sums are
+// scaled apart), so below AMX_ROWS rows the vector path is as fast or faster: 8192 x 2048 from
+// memory on a 2-core Xeon, two threads, GB/s, tiles / vectors: 13.8 / 14.3 at 2 rows, 14.2 / 13.2 at
+// 4, 12.4 / 12.0 at 7, 10.0 / 7.6 at 16, 3.1 / 2.2 at 64.
+constexpr int64_t AMX_ROWS = 5;
+static inline int64_t amx_rows(int64_t M) { return M <= 8 ? 8 : 16; }
+
+struct AmxTiles {
+    explicit AmxTiles(int64_t M) {
+        struct {
+            uint8_t palette = 1, start_row = 0, reserved[14] = {};
+            uint16_t colsb[16] = {};
+            uint8_t rows[16] = {};
+        } config;
+        for (int i = 0; i < 8; i++) {
+            config.rows[i] = i < 6 ? uint8_t(amx_rows(M)) : 8;
+            config.colsb[i] = i == 4 || i == 5 ? SPAN : 64;
         }
-    const auto split = [](int64_t k) { return k / CHUNK * CHUNK + (k & 1) * (CHUNK / 2) + k % CHUNK / 2; };
-    quantize_activations(x.data_ptr<float>(), M, K, chunks * CHUNK, 8, split, q.data_ptr<int8_t>(), d.data_ptr<float>(),
-                         d.data_ptr<float>() + M * chunks * LANES);
+        _tile_loadconfig(&config);
+    }
+    ~AmxTiles() { _tile_release(); }
+};
+
+// Rows [m0, m0 + R) of tile t, over all of K; their sums added to sums[0 .. rows).
+template <int R>
+static inline void int4_rows_amx(const Int4Product& p, int64_t t, int64_t m0, int64_t rows, vec (*sums)[INT4_VECS]) {
+    // Two of each buffer: a block's codes are unpacked, and its sums read, while the tiles work on the
+    // block next to it, so that the tiles never load what the vector stores have not yet written, nor
+    // the vector loads what the tiles have not.
+    alignas(64) uint8_t codes[2][SPANS][8][64];
+    alignas(64) int32_t dots[2][SPANS][R][16];
+    vec acc[R];
+    for (int r = 0; r < R; r++) acc[r] = vzero();
+    const int64_t K = p.spans * SPAN;
+    const uint8_t* first = p.w + t * p.blocks * p.block_bytes;
+    auto spans_of = [&](int64_t b) { return int(std::min<int64_t>(SPANS, p.spans - b * SPANS)); };
+    auto unpack = [&](int64_t b) {
+        const uint8_t* block = first + b * p.block_bytes;
+        prefetch<_MM_HINT_T1>(block + PREFETCH, p.block_bytes);
+        for (int s = 0; s < spans_of(b); s++) {
+            ivec w[8];
+            span_codes(block + s * SPAN_BYTES, 0, w);
+            for (int r = 0; r < 8; r++) _mm512_store_si512(codes[b % 2][s][r], w[r]);
+        }
+    };
+    auto add_block = [&](int64_t b) {  // the float steps of block b
+        const uint16_t* pairs = reinterpret_cast<const uint16_t*>(first + b * p.block_bytes + SPANS * SPAN_BYTES);
+        for (int s = 0; s < spans_of(b); s++) {
+            const uint16_t* pair = pairs + p.pair[s] * 2 * INT4_CHANNELS;
+            const vec scale = vload_halves(pair), zero = vload_halves(pair + INT4_CHANNELS);
+#pragma GCC unroll 16
+            for (int r = 0; r < R; r++)
+                acc[r] = add_span(acc[r], _mm512_load_si512(dots[b % 2][s][r]), p, (m0 + r) * p.spans + b * SPANS + s, scale, zero);
+        }
+    };
+    unpack(0);
+    for (int64_t b = 0; b < p.blocks; b++) {
+        if (b + 1 < p.blocks) unpack(b + 1);
+        const int spans = spans_of(b);
+        const int8_t* x = p.q + m0 * K + b * BLOCK;
+        uint8_t (*w)[8][64] = codes[b % 2];
+        int32_t (*out)[R][16] = dots[b % 2];
+#define SPAN_PRODUCT(S, X, W)                  \
+    if (S < spans) {                           \
+        _tile_zero(S);                         \
+        _tile_loadd(X, x + S * SPAN, K);       \
+        _tile_loadd(W, w[S], 64);              \
+        _tile_dpbsud(S, X, W);                 \
+        _tile_stored(S, out[S], 64);           \
+    }
+        SPAN_PRODUCT(0, 4, 6) SPAN_PRODUCT(1, 5, 7) SPAN_PRODUCT(2, 4, 6) SPAN_PRODUCT(3, 5, 7)
+#undef SPAN_PRODUCT
+        if (b > 0) add_block(b - 1);
+    }
+    add_block(p.blocks - 1);
+    for (int r = 0; r < rows; r++) sums[r][0] = acc[r];
+}
+
+static inline void int4_tile_amx(const Int4Product& p, int64_t t, int64_t m0, int64_t rows, int64_t R, vec (*sums)[INT4_VECS]) {
+    for (int64_t r0 = 0; r0 < rows; r0 += R) {
+        const int64_t n = std::min(R, rows - r0);
+        if (R == 8) int4_rows_amx<8>(p, t, m0 + r0, n, sums + r0);
+        else int4_rows_amx<16>(p, t, m0 + r0, n, sums + r0);
+    }
+}
+#endif
+
+// x (M, K) float32 against the packed weight of N channels (pack_int4); `amx`: the tiles may be used.
+static void run_int4(const at::Tensor& x, const at::Tensor& weight, int64_t group, at::Tensor& y, bool amx = false) {
+    const int64_t M = x.size(0), K = x.size(1), N = y.size(1), blocks = (K + BLOCK - 1) / BLOCK;
+    const int64_t pairs = std::max<int64_t>(1, BLOCK / group), spans = K / SPAN;
+#if VNNI
+    amx = amx && M >= AMX_ROWS;
+    const int64_t R = amx ? amx_rows(M) : 1;
+#else
+    amx = false;
+    const int64_t R = 1;
+#endif
+    const int64_t padded = (M + R - 1) / R * R;  // rows of x that whole tiles of R rows read: zeros past M
+    at::Tensor q = at::zeros({padded * K}, x.options().dtype(at::kChar));
+    at::Tensor d = at::zeros({2, padded * spans}, x.options());
+    Int4Product p{weight.data_ptr<uint8_t>(), blocks, INT4_CHANNELS * (BLOCK / 2 + 4 * pairs), spans, {},
+                  q.data_ptr<int8_t>(), d.data_ptr<float>(), d.data_ptr<float>() + padded * spans};
+    for (int s = 0; s < SPANS; s++) p.pair[s] = group <= BLOCK ? int(s * SPAN / group) : 0;
+    quantize_activations(x.data_ptr<float>(), M, K, K, SPAN, q.data_ptr<int8_t>(), d.data_ptr<float>(),
+                         d.data_ptr<float>() + padded * spans);
     float* yp = y.data_ptr<float>();
-    auto add = [&](int64_t n0, int, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) { int4_tile(p, n0, m0, rows, sums); };
-    over_tiles(M, N, add, [&](int64_t m, int64_t n, vec sum) { yp[m * N + n] = vsum(sum); });
+    auto finish = [&](int64_t m, int64_t n0, int channels, const vec* sums) {
+        if (channels == INT4_CHANNELS) {
+            for (int h = 0; h < INT4_VECS; h++) vstore(yp + m * N + n0 + h * LANES, sums[h]);
+            return;
+        }
+        float all[INT4_CHANNELS];
+        for (int h = 0; h < INT4_VECS; h++) vstore(all + h * LANES, sums[h]);
+        std::copy(all, all + channels, yp + m * N + n0);
+    };
+#if VNNI
+    if (amx) {
+        auto add = [&](int64_t n0, int, int64_t m0, int64_t rows, vec (*sums)[INT4_VECS]) {
+            int4_tile_amx(p, n0 / INT4_CHANNELS, m0, rows, R, sums);
+        };
+        over_tiles<INT4_CHANNELS, INT4_VECS, AmxTiles>(M, N, add, finish);
+        return;
+    }
+#endif
+    auto add = [&](int64_t n0, int, int64_t m0, int64_t rows, vec (*sums)[INT4_VECS]) {
+        int4_tile(p, n0 / INT4_CHANNELS, m0, rows, sums);
+    };
+    over_tiles<INT4_CHANNELS, INT4_VECS>(M, N, add, finish);
 }
 
 #if !VNNI

@@ -15,7 +15,9 @@ cache, in one order whatever queries, rows and cache length come with it. PyTorc
 blocks its sums by all three; rounding activations to 8 bits would turn those last-bit differences
 into different tokens between a verify pass, a batch and a lone step.
 
-Compiled for AVX-512 (with and without VNNI) and for AVX2 (with FMA and F16C) and chosen at run time; where they cannot
+Compiled for AVX-512 (with and without VNNI) and for AVX2 (with FMA and F16C) and chosen at run time;
+on a CPU with AMX's int8 tiles ("amx"), int4 products of 5 rows or more run on the tiles, giving each
+row the bits the vector path gives it. Where they cannot
 be built (no compiler, no ninja) the model keeps PyTorch's kernels and one line on stderr says so.
 They are ops of their own, so a compiled step stays one graph and reads the one copy of the weights
 the model holds.
@@ -37,7 +39,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-ISAS = {"avx512_vnni": 3, "avx512": 2, "avx2": 1}
+ISAS = {"amx": 4, "avx512_vnni": 3, "avx512": 2, "avx2": 1}
 isa: Optional[str] = None  # the kernels in use: one of ISAS, "" (PyTorch's), None (not yet looked at)
 supported = ""  # the best this CPU runs, once built
 amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # prompt passes' bfloat16 products: oneDNN's
@@ -126,33 +128,39 @@ def prompt_linear(x: Tensor, weight: Tensor) -> Tensor:
     return out[:rows.shape[0]].view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
-INT4_TILE, INT4_BLOCK = 4, 128  # channels and columns of a packed block (cpu_kernels.cpp: CHANNELS, BLOCK)
+INT4_TILE, INT4_BLOCK, INT4_SPAN = 16, 128, 32  # channels and columns of a packed block, columns of a span
+                                                # (cpu_kernels.cpp: INT4_CHANNELS, BLOCK, SPAN)
 
 
 def pack_int4(codes: Tensor, scales_and_zeros: Tensor, group: int) -> Tensor:
     """int4 codes (N, K / 2), two a byte (high nibble first), and scales_and_zeros (K / group, N, 2)
     of (scale, zero) with W = (code - 8) * scale + zero, as quantize.py writes them, in the kernel's
-    layout: per tile of 4 channels and block of 128 columns, the 4 channels' 64 bytes of codes, then
-    their (scale, zero - 8 scale) pairs in float16, max(1, 128 / group) a channel, so that a product
-    reads one stream of memory. Returns a uint8 (N, bytes per channel) view of a storage that also
-    holds the last tile's missing channels (zeros) and 16 bytes the kernel may read past the end."""
+    layout: per tile of 16 channels and block of 128 columns, the codes of the block's 4 spans of 32
+    columns (byte 4c + j of a span's row r: channel c's columns 4r + j in the low nibble, 16 + 4r + j
+    in the high one), then the tile's scales and shifted zeros (zero - 8 scale) in float16, 16 of each
+    for each of the block's max(1, 128 / group) groups, so that a product reads one stream of memory.
+    Returns a uint8 (N, bytes per channel) view of a storage that also holds the last tile's missing
+    channels (zeros)."""
     n, half = codes.shape
     tiles, blocks, pairs = -(-n // INT4_TILE), -(-2 * half // INT4_BLOCK), max(1, INT4_BLOCK // group)
-    padded = torch.zeros(tiles * INT4_TILE, blocks * INT4_BLOCK // 2, dtype=torch.uint8)
-    padded[:n, :half] = codes
+    spans = INT4_BLOCK // INT4_SPAN
+    data = torch.zeros(tiles, blocks, spans * INT4_TILE * INT4_SPAN // 2 + pairs * 2 * INT4_TILE * 2, dtype=torch.uint8)
+    nibbles = torch.zeros(tiles * INT4_TILE, blocks * INT4_BLOCK, dtype=torch.uint8)
+    nibbles[:n, :2 * half] = torch.stack([codes >> 4, codes & 15], dim=-1).view(n, 2 * half)
+    # (tile, channel c, block, span, half, row r, column j) -> (tile, block, span, r, c, j, half)
+    nibbles = nibbles.view(tiles, INT4_TILE, blocks, spans, 2, 4, 4).permute(0, 2, 3, 5, 1, 6, 4)
+    data[:, :, :spans * INT4_TILE * INT4_SPAN // 2] = (nibbles[..., 0] | nibbles[..., 1] << 4).reshape(tiles, blocks, -1)
     scale, zero = scales_and_zeros.float().unbind(-1)  # (K / group, N) each
-    table = torch.stack([scale, zero - 8 * scale], dim=-1).transpose(0, 1)  # (N, K / group, 2)
+    table = torch.stack([scale, zero - 8 * scale]).transpose(1, 2)  # (2, N, K / group)
     if group > INT4_BLOCK:  # a group spans several blocks: each block holds its group's pair
-        table = table.repeat_interleave(group // INT4_BLOCK, dim=1)
-    half_table = torch.zeros(tiles * INT4_TILE, blocks * pairs, 2, dtype=torch.float16)
-    half_table[:n, :table.shape[1]] = table.half()  # the columns past K: scale and zero 0
-    per_block = [padded.view(tiles, INT4_TILE, blocks, INT4_BLOCK // 2),
-                 half_table.view(torch.uint8).view(tiles, INT4_TILE, blocks, 4 * pairs)]
-    data = torch.cat([part.transpose(1, 2).reshape(tiles, blocks, -1) for part in per_block], dim=-1).flatten()
-    storage = torch.zeros(data.numel() + 16, dtype=torch.uint8)
-    storage[:data.numel()] = data
+        table = table.repeat_interleave(group // INT4_BLOCK, dim=2)
+    half_table = torch.zeros(2, tiles * INT4_TILE, blocks * pairs, dtype=torch.float16)
+    half_table[:, :n, :table.shape[2]] = table.half()  # the columns past K: scale and zero 0
+    # (scale or zero, tile, channel, block, pair) -> (tile, block, pair, scale or zero, channel)
+    half_table = half_table.view(2, tiles, INT4_TILE, blocks, pairs).permute(1, 3, 4, 0, 2)
+    data[:, :, spans * INT4_TILE * INT4_SPAN // 2:] = half_table.reshape(tiles, blocks, -1).contiguous().view(torch.uint8)
     per_channel = blocks * (INT4_BLOCK // 2 + 4 * pairs)
-    return storage[:n * per_channel].view(n, per_channel)
+    return data.view(-1)[:n * per_channel].view(n, per_channel)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:

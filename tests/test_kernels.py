@@ -69,11 +69,11 @@ def rounded_reference(x: torch.Tensor, w: torch.Tensor, zero: torch.Tensor) -> t
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kernel_equals_a_float64_product_of_its_weights(isa, kind):
-    """Output channels a multiple of the 4-channel tile (64) and not (37); input columns a multiple
-    of the vector (512) and, but for int4 (whole groups), not (100: a scalar tail); for int4, columns
-    that end in part of a chunk of 8 vector lanes (352: 96 of 128 on AVX-512, 32 of 64 on AVX2; 320:
-    64 of 128, for groups of 64); every row count of ROWS, which are and are not multiples of the row
-    tiles (4 rows on AVX-512, 2 on AVX2).
+    """Output channels a multiple of the tiles (64: 4 channels, 16 for int4) and not (37); input
+    columns a multiple of the vector (512) and, but for int4 (whole groups), not (100: a scalar
+    tail); for int4, columns that end in part of a block of 128 (352: 3 of its 4 spans of 32; 320: 2,
+    for groups of 64); every row count of ROWS, which are and are not multiples of the row tiles (4
+    rows on AVX-512, 2 on AVX2; AMX's tiles of 8 and 16 rows, from 5 rows).
     int8 and int4 are held to the product of x rounded to 8 bits as the kernels round it
     (rounded_reference), int4 with the float16 scales and zeros it is packed with.
     Tolerance: 1e-5 of sum |x| |w| per output (float32 accumulation over at most 512 products
@@ -287,9 +287,10 @@ for isa in sys.argv[1:]:
     cpu_kernels.isa = isa
     for out_features, in_features, group in ((37, 352, 32), (5, 320, 64), (3, 192, 64), (6, 256, 256)):
         codes, sz = quantize.quantize_int4(torch.randn(out_features, in_features), group)
-        packed = cpu_kernels.pack_int4(codes, sz, group)
-        guarded = cpu_kernels.linear(torch.randn(3, in_features), before_a_guard_page(packed), None, group)
-        assert torch.equal(guarded.isfinite(), torch.ones_like(guarded, dtype=torch.bool))
+        packed = before_a_guard_page(cpu_kernels.pack_int4(codes, sz, group))
+        for rows in (3, 9):  # 9: on AMX's tiles
+            guarded = cpu_kernels.linear(torch.randn(rows, in_features), packed, None, group)
+            assert torch.equal(guarded.isfinite(), torch.ones_like(guarded, dtype=torch.bool))
     for out_features, in_features in ((37, 100), (5, 352), (6, 256)):
         codes, scales = quantize.quantize_int8(torch.randn(out_features, in_features))
         guarded = cpu_kernels.linear(torch.randn(3, in_features), before_a_guard_page(codes), scales)
@@ -299,9 +300,8 @@ print("read nothing past the weights")
 
 
 def test_int8_and_int4_read_nothing_past_their_weights():
-    """int4: the last block of 128 columns may be partly padding and the last tile of 4 channels
-    partly missing channels (K = 352, 320, 192; N = 37, 5, 3, 6); the kernel reads a channel's
-    float16 pairs 16 bytes at a time. int8: the codes as they are, the last tile of channels partly
+    """int4: the last block of 128 columns may be partly padding and the last tile of 16 channels
+    partly missing channels (K = 352, 320, 192; N = 37, 5, 3, 6), through 3 and 9 rows. int8: the codes as they are, the last tile of channels partly
     missing (N = 37, 5) and columns past the last full vector (K = 100, 352). With the weights ending
     where an unreadable page begins, a read past them ends the process (SIGSEGV)."""
     proc = subprocess.run([sys.executable, "-c", GUARDED, *ISAS], cwd=ROOT, capture_output=True, text=True, timeout=300,
