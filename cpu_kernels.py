@@ -130,6 +130,7 @@ def prompt_linear(x: Tensor, weight: Tensor) -> Tensor:
 
 INT4_TILE, INT4_BLOCK, INT4_SPAN = 16, 128, 32  # channels and columns of a packed block, columns of a span
                                                 # (cpu_kernels.cpp: INT4_CHANNELS, BLOCK, SPAN)
+PACK_TILES = 256  # tiles pack_int4 lays out at a time
 
 
 def pack_int4(codes: Tensor, scales_and_zeros: Tensor, group: int) -> Tensor:
@@ -143,22 +144,25 @@ def pack_int4(codes: Tensor, scales_and_zeros: Tensor, group: int) -> Tensor:
     channels (zeros)."""
     n, half = codes.shape
     tiles, blocks, pairs = -(-n // INT4_TILE), -(-2 * half // INT4_BLOCK), max(1, INT4_BLOCK // group)
-    spans = INT4_BLOCK // INT4_SPAN
-    data = torch.zeros(tiles, blocks, spans * INT4_TILE * INT4_SPAN // 2 + pairs * 2 * INT4_TILE * 2, dtype=torch.uint8)
-    nibbles = torch.zeros(tiles * INT4_TILE, blocks * INT4_BLOCK, dtype=torch.uint8)
-    nibbles[:n, :2 * half] = torch.stack([codes >> 4, codes & 15], dim=-1).view(n, 2 * half)
-    # (tile, channel c, block, span, half, row r, column j) -> (tile, block, span, r, c, j, half)
-    nibbles = nibbles.view(tiles, INT4_TILE, blocks, spans, 2, 4, 4).permute(0, 2, 3, 5, 1, 6, 4)
-    data[:, :, :spans * INT4_TILE * INT4_SPAN // 2] = (nibbles[..., 0] | nibbles[..., 1] << 4).reshape(tiles, blocks, -1)
-    scale, zero = scales_and_zeros.float().unbind(-1)  # (K / group, N) each
-    table = torch.stack([scale, zero - 8 * scale]).transpose(1, 2)  # (2, N, K / group)
-    if group > INT4_BLOCK:  # a group spans several blocks: each block holds its group's pair
-        table = table.repeat_interleave(group // INT4_BLOCK, dim=2)
-    half_table = torch.zeros(2, tiles * INT4_TILE, blocks * pairs, dtype=torch.float16)
-    half_table[:, :n, :table.shape[2]] = table.half()  # the columns past K: scale and zero 0
-    # (scale or zero, tile, channel, block, pair) -> (tile, block, pair, scale or zero, channel)
-    half_table = half_table.view(2, tiles, INT4_TILE, blocks, pairs).permute(1, 3, 4, 0, 2)
-    data[:, :, spans * INT4_TILE * INT4_SPAN // 2:] = half_table.reshape(tiles, blocks, -1).contiguous().view(torch.uint8)
+    spans, code_bytes = INT4_BLOCK // INT4_SPAN, INT4_TILE * INT4_BLOCK // 2  # code_bytes: a tile's, a block
+    data = torch.zeros(tiles, blocks, code_bytes + 4 * INT4_TILE * pairs, dtype=torch.uint8)
+    for t0 in range(0, tiles, PACK_TILES):  # a few tiles at a time: small temporaries beside a large head
+        t1, c0 = min(tiles, t0 + PACK_TILES), t0 * INT4_TILE
+        c1 = min(n, t1 * INT4_TILE)
+        nibbles = torch.zeros((t1 - t0) * INT4_TILE, blocks * INT4_BLOCK, dtype=torch.uint8)
+        nibbles[:c1 - c0, :2 * half] = torch.stack([codes[c0:c1] >> 4, codes[c0:c1] & 15], dim=-1).view(c1 - c0, -1)
+        # (tile, channel c, block, span, half, row r, column j) -> (tile, block, span, r, c, j, half)
+        nibbles = nibbles.view(t1 - t0, INT4_TILE, blocks, spans, 2, 4, 4).permute(0, 2, 3, 5, 1, 6, 4)
+        data[t0:t1, :, :code_bytes] = (nibbles[..., 0] | nibbles[..., 1] << 4).reshape(t1 - t0, blocks, -1)
+        scale, zero = scales_and_zeros[:, c0:c1].float().unbind(-1)  # (K / group, channels) each
+        table = torch.stack([scale, zero - 8 * scale]).transpose(1, 2)  # (2, channels, K / group)
+        if group > INT4_BLOCK:  # a group spans several blocks: each block holds its group's pair
+            table = table.repeat_interleave(group // INT4_BLOCK, dim=2)
+        half_table = torch.zeros(2, (t1 - t0) * INT4_TILE, blocks * pairs, dtype=torch.float16)
+        half_table[:, :c1 - c0, :table.shape[2]] = table.half()  # the columns past K: scale and zero 0
+        # (scale or zero, tile, channel, block, pair) -> (tile, block, pair, scale or zero, channel)
+        half_table = half_table.view(2, t1 - t0, INT4_TILE, blocks, pairs).permute(1, 3, 4, 0, 2)
+        data[t0:t1, :, code_bytes:] = half_table.reshape(t1 - t0, blocks, -1).contiguous().view(torch.uint8)
     per_channel = blocks * (INT4_BLOCK // 2 + 4 * pairs)
     return data.view(-1)[:n * per_channel].view(n, per_channel)
 

@@ -12,10 +12,13 @@ scale per output channel, or int4 in groups of input columns. The file holds pla
 are packed for this device's kernel when the model is loaded. On a CPU every linear layer runs
 the engine's own kernels (cpu_kernels.py), which read a weight once whatever the number of rows.
 """
+import ctypes
 import json
 import math
+import mmap
 from dataclasses import asdict, dataclass, fields
 from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -447,6 +450,39 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def file_pages(tensor: Tensor, file_storages: dict) -> range:
+    """The whole pages under `tensor` when it lies in one of the memory-mapped checkpoint's
+    storages (file_storages, by address); none for any other memory (a copy out of the file, a
+    GPU's), which release_pages must never touch."""
+    storage = tensor.untyped_storage()
+    if tensor.device.type != "cpu" or storage.data_ptr() not in file_storages:
+        return range(0)
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    return range(-(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE)
+
+
+def release_pages(pages: range) -> None:
+    """Hands back pages of the mapped checkpoint (file_pages) once what they hold has been copied
+    (converted, packed). The mapping lives as long as any tensor in it (the embedding, read in
+    place), and each page read once stays resident with it: an int4 file's codes and float32
+    scales (0.38 GB of the 0.9 GB 1B-shaped file) would sit beside their packed copies. The pages
+    are the file's, unwritten: a later read takes them from the file again."""
+    if len(pages) > 0 and hasattr(mmap, "MADV_DONTNEED"):
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(pages.start), ctypes.c_size_t(len(pages)), mmap.MADV_DONTNEED)
+
+
+def convert_in_place(model: nn.Module, dtype: torch.dtype, file_storages: dict) -> None:
+    """The model's floating-point tensors in `dtype`, one at a time, each one's file pages handed
+    back as soon as it is converted: model.to() converts every tensor before any page could be,
+    and a float file made float32 would keep the whole file resident beside the copies until the
+    load ends."""
+    for tensor in chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            pages = file_pages(tensor, file_storages)
+            tensor.data = tensor.data.to(dtype)
+            release_pages(pages)
+
+
 def load_model(checkpoint_path: Path, device: str = "cpu", dtype: Optional[torch.dtype] = torch.float32,
                shard: Optional[Callable[[Transformer, dict, Optional[dict]], dict]] = None,
                draft_ids: Optional[Tensor] = None) -> Transformer:
@@ -472,6 +508,11 @@ def load_model(checkpoint_path: Path, device: str = "cpu", dtype: Optional[torch
     except Exception as e:  # a truncated or foreign file: torch raises many kinds of error
         raise ValueError(f"cannot read checkpoint {checkpoint_path}: {str(e).splitlines()[0]}") from None
     quantization = state.pop("quantization", None)
+    # The file's storages by address, held to the end of the load and with them the mapping: a page
+    # release_pages hands back must still be the file's, never memory allocated since at an address
+    # the mapping gave up.
+    storages = (tensor.untyped_storage() for tensor in state.values() if isinstance(tensor, Tensor))
+    file_storages = {storage.data_ptr(): storage for storage in storages if storage.nbytes()}
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") or quantization is not None else torch.float32
     if quantization is not None:
@@ -498,13 +539,22 @@ def load_model(checkpoint_path: Path, device: str = "cpu", dtype: Optional[torch
     except RuntimeError as e:
         detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
         raise ValueError(f"checkpoint {checkpoint_path} does not match model_config.json: {detail}") from None
+    del state  # the model's tensors are its own now: a layer's converted scales go when its packing drops them
     if tied:
         model.output.weight = model.tok_embeddings.weight
+    if device == "cpu":
+        convert_in_place(model, dtype, file_storages)
     model = model.to(device=device, dtype=dtype).eval()
     model.set_draft_vocab(draft_ids)
     if device == "cpu":
         cpu_kernels.ready()  # built now, not first met inside a compiled step
+    # Each layer's file pages handed back once it is packed. In the model's order: packing the LM
+    # head first lowered the peak by 0.15 GB, but decoding measured 2-4% slower, the packed layers
+    # placed differently in memory.
     for module in model.modules():
         if isinstance(module, Int4Linear):
+            read = [file_pages(module.codes, file_storages), file_pages(module.scales_and_zeros, file_storages)]
             module.pack()
+            for pages in read:
+                release_pages(pages)
     return model

@@ -1,6 +1,7 @@
 """quantize.py and the quantized layers: error bounds of the schemes, the packed kernels against a
 float matmul of the dequantized weight, a device-neutral file, exact self-speculation on quantized
-models, the per-layer evaluation of a quantized file, and one clear line for each bad input."""
+models, the per-layer evaluation of a quantized file, one clear line for each bad input, int4
+packing in slices, and the pages of the mapped file that a load hands back once it has copied them."""
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import quantize
 import train
 from common import generate
 from conftest import ROOT
-from model import QUANTIZATION_VERSION, Int4Linear, Int8Linear, load_model
+from model import QUANTIZATION_VERSION, Int4Linear, Int8Linear, file_pages, load_model, release_pages
 from self_spec import speculative_generate
 from test_self_spec import greedy
 from tokenizer import load_tokenizer
@@ -341,6 +342,20 @@ def test_int4_pack_pads_rows_and_tiles_for_each_kernel(pytorch_kernels):
         assert layer.scales_and_zeros.shape == (columns // 32, 40, 2) and not hasattr(layer, "codes")
 
 
+def test_int4_packing_in_slices_of_tiles_gives_the_bytes_of_one_pass(monkeypatch):
+    """pack_int4 lays out PACK_TILES tiles at a time, to bound its temporaries: one tile a slice, or
+    three, with a short last tile and groups narrower and wider than a block, gives the storage one
+    pass over the whole weight gives."""
+    for rows, columns, group in ((37, 256, 32), (50, 512, 256), (16, 128, 128)):
+        codes, scales_and_zeros = quantize.quantize_int4(weights("random", rows, columns), group)
+        whole = cpu_kernels.pack_int4(codes, scales_and_zeros, group)
+        for tiles in (1, 3):
+            monkeypatch.setattr(cpu_kernels, "PACK_TILES", tiles)
+            sliced = cpu_kernels.pack_int4(codes, scales_and_zeros, group)
+            stored = [torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()) for t in (whole, sliced)]
+            assert sliced.shape == whole.shape and torch.equal(*stored), (rows, columns, group, tiles)
+
+
 def test_quantized_layers_take_inputs_the_kernels_would_refuse(kernels):
     """Rows that are a strided view (int4: the kernel wants them contiguous) or a view starting off
     a 32-byte boundary (int8 in bfloat16: the kernel would crash on it)."""
@@ -547,3 +562,27 @@ def test_load_model_reads_safely_picks_the_dtype_and_shards_on_meta(quantized, c
     assert str(error.value).startswith(prefix) and mismatches == ["layers.0.feed_forward.w1.weight", "layers.0.feed_forward.w3.weight"]
     assert detail.startswith("size mismatch for layers.0.feed_forward.w1.weight: copying a param with shape torch.Size([160, 64])")
     assert ". size mismatch for layers.0.feed_forward.w3.weight" in detail and "\n" not in detail
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads the resident set of a mapping (Linux)")
+def test_pages_of_the_mapped_file_are_handed_back_and_no_other_memory(tmp_path):
+    """A tensor of a memory-mapped checkpoint, once read, holds its pages resident; handed back, they
+    leave the resident set and a later read takes them from the file again, unchanged. A copy out
+    of the file (or one torch.load did not map) has no pages of it to hand back."""
+    import re
+    path = tmp_path / "model.pth"
+    torch.save({"codes": torch.arange(2**20).to(torch.uint8), "norm": torch.ones(8)}, path)
+    state = torch.load(path, mmap=True, weights_only=True)
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage() for tensor in state.values()}
+
+    def resident_kb() -> int:
+        mappings = re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", open("/proc/self/smaps").read())
+        return sum(int(re.search(r"^Rss:\s+(\d+) kB", m, re.M)[1]) for m in mappings if m.split("\n")[0].endswith(str(path)))
+
+    codes = state["codes"]
+    expected = codes.clone()
+    assert resident_kb() >= 1024
+    assert file_pages(expected, storages) == range(0) and file_pages(torch.ones(8), storages) == range(0)
+    release_pages(file_pages(codes, storages))
+    assert resident_kb() <= 16  # the pages the storage shares with the file's other bytes, at most
+    assert torch.equal(codes, expected)
