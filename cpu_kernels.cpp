@@ -9,10 +9,9 @@
 //
 // y[m, n] = sum_k x[m, k] * W[n, k] for float32 x, with W float32, bfloat16, int8 (times a scale
 // per output channel) or int4 (q * scale + shifted zero per group of input columns); int8 and int4
-// meet x quantized to 8 bits. Each tile of CHANNELS weight rows is read from memory once and applied to
-// every row of x while it sits in the cache. Every (row, channel) pair accumulates its products in
-// one vector register in the same order whatever the tile it falls in, so a row's result does not
-// depend on how many rows come with it.
+// meet x quantized to 8 bits. Each tile of weight rows is read from memory once and applied to every
+// row of x while it sits in the cache. Every (row, channel) pair accumulates its products in the same
+// order whatever the tile it falls in, so a row's result does not depend on how many rows come with it.
 #ifndef LANES
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -567,9 +566,9 @@ static inline void int4_tile(const Int4Product& p, int64_t t, int64_t m0, int64_
 // block's 4 spans' sums, 4-5: x, 6-7: the codes, unpacked to memory (the tiles load from there).
 //
 // A tile product costs the same whatever its rows, and each span needs one of its own (its sums are
-// scaled apart), so below AMX_ROWS rows the vector path is as fast or faster: 8192 x 2048 from
-// memory on a 2-core Xeon, two threads, GB/s, tiles / vectors: 13.8 / 14.3 at 2 rows, 14.2 / 13.2 at
-// 4, 12.4 / 12.0 at 7, 10.0 / 7.6 at 16, 3.1 / 2.2 at 64.
+// scaled apart), so below AMX_ROWS rows the vector path is as fast or faster: 4096 x 2048 in cache on
+// a 2-core Xeon, one thread, G weights/s, tiles / vectors: 19.7 / 27.4 at 2 rows, 19.4 / 21.1 at 4,
+// 14.9 / 14.7 at 7, 14.9 / 13.2 at 8, 10.8 / 7.2 at 16, 2.8 / 1.9 at 64.
 constexpr int64_t AMX_ROWS = 5;
 static inline int64_t amx_rows(int64_t M) { return M <= 8 ? 8 : 16; }
 
