@@ -591,55 +591,40 @@ struct AmxTiles {
 // Rows [m0, m0 + R) of tile t, over all of K; their sums added to sums[0 .. rows).
 template <int R>
 static inline void int4_rows_amx(const Int4Product& p, int64_t t, int64_t m0, int64_t rows, vec (*sums)[INT4_VECS]) {
-    // Two of each buffer: a block's codes are unpacked, and its sums read, while the tiles work on the
-    // block next to it, so that the tiles never load what the vector stores have not yet written, nor
-    // the vector loads what the tiles have not.
-    alignas(64) uint8_t codes[2][SPANS][8][64];
-    alignas(64) int32_t dots[2][SPANS][R][16];
+    alignas(64) uint8_t codes[SPANS][8][64];
+    alignas(64) int32_t dots[SPANS][R][16];
     vec acc[R];
     for (int r = 0; r < R; r++) acc[r] = vzero();
     const int64_t K = p.spans * SPAN;
-    const uint8_t* first = p.w + t * p.blocks * p.block_bytes;
-    auto spans_of = [&](int64_t b) { return int(std::min<int64_t>(SPANS, p.spans - b * SPANS)); };
-    auto unpack = [&](int64_t b) {
-        const uint8_t* block = first + b * p.block_bytes;
+    const uint8_t* block = p.w + t * p.blocks * p.block_bytes;
+    for (int64_t b = 0; b < p.blocks; b++, block += p.block_bytes) {
         prefetch<_MM_HINT_T1>(block + PREFETCH, p.block_bytes);
-        for (int s = 0; s < spans_of(b); s++) {
+        const int spans = int(std::min<int64_t>(SPANS, p.spans - b * SPANS));
+        for (int s = 0; s < spans; s++) {
             ivec w[8];
             span_codes(block + s * SPAN_BYTES, 0, w);
-            for (int r = 0; r < 8; r++) _mm512_store_si512(codes[b % 2][s][r], w[r]);
+            for (int r = 0; r < 8; r++) _mm512_store_si512(codes[s][r], w[r]);
         }
-    };
-    auto add_block = [&](int64_t b) {  // the float steps of block b
-        const uint16_t* pairs = reinterpret_cast<const uint16_t*>(first + b * p.block_bytes + SPANS * SPAN_BYTES);
-        for (int s = 0; s < spans_of(b); s++) {
-            const uint16_t* pair = pairs + p.pair[s] * 2 * INT4_CHANNELS;
-            const vec scale = vload_halves(pair), zero = vload_halves(pair + INT4_CHANNELS);
-#pragma GCC unroll 16
-            for (int r = 0; r < R; r++)
-                acc[r] = add_span(acc[r], _mm512_load_si512(dots[b % 2][s][r]), p, (m0 + r) * p.spans + b * SPANS + s, scale, zero);
-        }
-    };
-    unpack(0);
-    for (int64_t b = 0; b < p.blocks; b++) {
-        if (b + 1 < p.blocks) unpack(b + 1);
-        const int spans = spans_of(b);
         const int8_t* x = p.q + m0 * K + b * BLOCK;
-        uint8_t (*w)[8][64] = codes[b % 2];
-        int32_t (*out)[R][16] = dots[b % 2];
 #define SPAN_PRODUCT(S, X, W)                  \
     if (S < spans) {                           \
         _tile_zero(S);                         \
         _tile_loadd(X, x + S * SPAN, K);       \
-        _tile_loadd(W, w[S], 64);              \
+        _tile_loadd(W, codes[S], 64);          \
         _tile_dpbsud(S, X, W);                 \
-        _tile_stored(S, out[S], 64);           \
+        _tile_stored(S, dots[S], 64);          \
     }
         SPAN_PRODUCT(0, 4, 6) SPAN_PRODUCT(1, 5, 7) SPAN_PRODUCT(2, 4, 6) SPAN_PRODUCT(3, 5, 7)
 #undef SPAN_PRODUCT
-        if (b > 0) add_block(b - 1);
+        const uint16_t* pairs = reinterpret_cast<const uint16_t*>(block + SPANS * SPAN_BYTES);
+        for (int s = 0; s < spans; s++) {
+            const uint16_t* pair = pairs + p.pair[s] * 2 * INT4_CHANNELS;
+            const vec scale = vload_halves(pair), zero = vload_halves(pair + INT4_CHANNELS);
+#pragma GCC unroll 16
+            for (int r = 0; r < R; r++)
+                acc[r] = add_span(acc[r], _mm512_load_si512(dots[s][r]), p, (m0 + r) * p.spans + b * SPANS + s, scale, zero);
+        }
     }
-    add_block(p.blocks - 1);
     for (int r = 0; r < rows; r++) sums[r][0] = acc[r];
 }
 
@@ -660,7 +645,6 @@ static void run_int4(const at::Tensor& x, const at::Tensor& weight, int64_t grou
     amx = amx && M >= AMX_ROWS;
     const int64_t R = amx ? amx_rows(M) : 1;
 #else
-    amx = false;
     const int64_t R = 1;
 #endif
     const int64_t padded = (M + R - 1) / R * R;  // rows of x that whole tiles of R rows read: zeros past M
