@@ -318,8 +318,8 @@ struct Float32Weight {
     const float* w; int64_t K;
     vec load(int64_t n, int64_t k) const { return vload(w + n * K + k); }
     float at(int64_t n, int64_t k) const { return w[n * K + k]; }
-    static constexpr bool prefetched = false;  // measured: no gain on a Xeon (prefetch_row); 4 KB along
-                                               // each row: 20 -> 12 GB/s on one core of an AMD EPYC
+    static constexpr bool prefetched = true;  // a 2-core Xeon, 7 rows: 18.6-19.8 -> 20.0-20.8 GB/s on two
+                                              // threads, 9.3-9.5 -> 10.4-10.6 on one; one row unchanged
 };
 
 struct BFloat16Weight {
