@@ -378,7 +378,8 @@ def piece_costs(model: Transformer, prompt: list[int], exit_layer: int, ks: list
                 reps: int = 20) -> dict:
     """Milliseconds (eager, best of reps) of the pieces of a self-speculative step at this exit
     layer, and of one full AR decode step, the unit of the cost model: the early pass and the draft
-    head on one token, and for each k the late pass and head on k + 1 tokens and the whole step."""
+    head on one token, the late pass on one token (what a verify pass over k + 1 is weighed
+    against), and for each k the late pass and head on k + 1 tokens and the whole step."""
     p = len(prompt)
     model.setup_caches(1, p + max(ks) + 2, exit_layer)
     model(torch.tensor([prompt], device=device), torch.arange(p, device=device)[None])
@@ -386,7 +387,8 @@ def piece_costs(model: Transformer, prompt: list[int], exit_layer: int, ks: list
     h = model.early(x, pos[:, None])
     ms = {"full": best_ms(lambda: decode_one_token(model, x, pos, 0, None), reps, device),
           "early": best_ms(lambda: model.early(x, pos[:, None]), reps, device),
-          "head": best_ms(lambda: model.draft_head(h), reps, device), "late_verify": {}, "head_verify": {}, "step": {}}
+          "head": best_ms(lambda: model.draft_head(h), reps, device), "late": best_ms(lambda: model.late(h, pos[:, None]), reps, device),
+          "late_verify": {}, "head_verify": {}, "step": {}}
     for k in ks:
         positions = pos[:, None] + torch.arange(k + 1, device=device)
         hk = model.exit_cache[:, positions[0]]
@@ -1002,7 +1004,7 @@ def benchmark(args: argparse.Namespace, argv: list[str], tmp: Path) -> dict:
         out["profile_ms"] = piece_costs(model, prompts[0]["tokens"], exit_layer, fixed, args.device)
         out["copy_bandwidth_gbs"] = copy_bandwidth_gbs(args.device)
         ar_gbs = next((a["weights_gb_per_sec"] for a in out.get("aggregate", []) if "weights_gb_per_sec" in a), None)
-        report += profile_report(out["profile_ms"], exit_layer, fixed, out["copy_bandwidth_gbs"], ar_gbs)
+        report += profile_report(out["profile_ms"], exit_layer, model.args.n_layer, fixed, out["copy_bandwidth_gbs"], ar_gbs)
         if args.device == "cpu":
             out["profile_kinds"] = kind_costs(model, [p["tokens"] for p in prompts], fns, exit_layer, fixed, batch_sizes,
                                               length)
@@ -1136,11 +1138,13 @@ def sweep_report(result: dict, grid_axes: list[list[int]]) -> list[str]:
             f"Files: {result['csv']}, {result['png']}\n"]
 
 
-def profile_report(ms: dict, exit_layer: int, ks: list[int], bandwidth: float, ar_gbs: Optional[float]) -> list[str]:
+def profile_report(ms: dict, exit_layer: int, n_layer: int, ks: list[int], bandwidth: float, ar_gbs: Optional[float]) -> list[str]:
     rows = [("full token (AR decode step)", ms["full"]), (f"early pass (layers [0, {exit_layer})), 1 token", ms["early"]),
-            ("draft head (norm + LM head, or its rows of the draft vocabulary), 1 token", ms["head"])]
+            ("draft head (norm + LM head, or its rows of the draft vocabulary), 1 token", ms["head"]),
+            (f"late pass (layers [{exit_layer}, {n_layer})), 1 token", ms["late"])]
     for k in ks:
-        rows += [(f"late pass, {k + 1} tokens", ms["late_verify"][k]), (f"head, {k + 1} tokens", ms["head_verify"][k]),
+        rows += [(f"late pass, {k + 1} tokens ({ms['late_verify'][k] / ms['late']:.2f}x one)", ms["late_verify"][k]),
+                 (f"head, {k + 1} tokens", ms["head_verify"][k]),
                  (f"whole step k={k}", ms["step"][k]),
                  (f"sum of parts k={k}: {k + 1} early + {k} heads + late and head on {k + 1}", ms["full"] * pieces_cost(ms, k))]
     return [f"### Where a step's time goes (eager, E = {exit_layer}, best of 20)\n",

@@ -605,5 +605,9 @@ def test_profile_by_kind_of_work_at_each_batch_size(tmp_path, capsys):
         assert ms["linear"] > 0 and ms["head"] > 0 and ms["attention"] > 0 and ms["sampling"] > 0, (name, ms)
         assert ms["fused_linear"] == 0  # eager: no compiled kernels
         assert case["step_ms_without_profiler"] > 0
+    pieces = json.loads(out.read_text())["profile_ms"]
+    assert pieces["late"] > 0
     stdout = capsys.readouterr().out
     assert "One step by kind of work (eager" in stdout and "| k=3, batch 2: ms | share |" in stdout
+    assert f"| late pass (layers [1, 4)), 1 token | {pieces['late']:.3f} |" in stdout
+    assert f"| late pass, 4 tokens ({pieces['late_verify']['3'] / pieces['late']:.2f}x one) |" in stdout
