@@ -354,11 +354,11 @@ def test_decoding_functions_bind_the_settings_and_compile_what_the_device_needs(
     assert inductor.coordinate_descent_tuning is True and inductor.triton.unique_kernel_names is True
 
 
-def test_measure_step_seconds_is_the_median_of_the_timed_rounds(monkeypatch):
-    """A fake clock that each step advances by a scripted duration: the first round is not timed,
-    the others give the median (index repeats // 2 of the sorted times); every pass runs in
-    inference mode on (batch, 1) placeholder tokens on the model's device and reads back the
-    accepted counts."""
+def test_measure_step_seconds_is_the_median_of_each_ks_timed_passes(monkeypatch):
+    """A fake clock that each step advances by a scripted duration: each k's passes run in a row,
+    the first not timed, the others give the median (index repeats // 2 of the sorted times); every
+    pass runs in inference mode on (batch, 1) placeholder tokens on the model's device and reads
+    back the accepted counts."""
     import self_spec
     clock = [0.0]
     monkeypatch.setattr(self_spec.time, "perf_counter", lambda: clock[0])
@@ -385,7 +385,7 @@ def test_measure_step_seconds_is_the_median_of_the_timed_rounds(monkeypatch):
         model = Transformer(ModelArgs(vocab_size=8, dim=8, n_layer=1, n_head=1, n_kv_head=1, head_dim=8, intermediate_size=8))
     seconds = self_spec.measure_step_seconds(model, {0: step(0), 2: step(2)}, 3, repeats=4)
     assert seconds == {0: 3.0, 2: 9.0}  # sorted: [1, 2, 3, 5] and [7, 8, 9, 50]
-    assert calls == [0, "tolist", 2, "tolist"] * 5  # rounds over every k
+    assert calls == [0, "tolist"] * 5 + [2, "tolist"] * 5  # each k's passes in a row
     durations = {0: iter([100.0, 6, 1, 5, 2, 4, 3, 7]), 2: iter([0.0] * 8)}  # the default: 7 timed rounds
     assert self_spec.measure_step_seconds(model, {0: step(0), 2: step(2)}, 3) == {0: 4.0, 2: 0.0}
 
