@@ -387,8 +387,8 @@ def piece_costs(model: Transformer, prompt: list[int], exit_layer: int, ks: list
     h = model.early(x, pos[:, None])
     ms = {"full": best_ms(lambda: decode_one_token(model, x, pos, 0, None), reps, device),
           "early": best_ms(lambda: model.early(x, pos[:, None]), reps, device),
-          "head": best_ms(lambda: model.draft_head(h), reps, device), "late": best_ms(lambda: model.late(h, pos[:, None]), reps, device),
-          "late_verify": {}, "head_verify": {}, "step": {}}
+          "head": best_ms(lambda: model.draft_head(h), reps, device),
+          "late": best_ms(lambda: model.late(h, pos[:, None]), reps, device), "late_verify": {}, "head_verify": {}, "step": {}}
     for k in ks:
         positions = pos[:, None] + torch.arange(k + 1, device=device)
         hk = model.exit_cache[:, positions[0]]

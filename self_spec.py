@@ -350,10 +350,11 @@ class AdaptiveK:
     often right - which one rate for every position would miss, undervaluing long steps. The
     chance that drafts 1..j are all accepted is the product of those rates. Step costs are
     measure_step_seconds': a step costs a little more at a later position (attention reads the
-    filled part of the cache), but about alike for every k, so their ratios hold for the run. When an autoregressive step wins, no draft is judged and nothing can
-    change, so every `wait` such steps a step of the middle k probes the text again (long enough
-    to see a run of right drafts, which a one-draft probe never would), the first one at once; a
-    probe that does not bring drafting back doubles the wait (up to `max_wait`).
+    filled part of the cache), but about alike for every k, so their ratios hold for the run. When
+    an autoregressive step wins, no draft is judged and nothing can change, so every `wait` such
+    steps a step of the middle k probes the text again (long enough to see a run of right drafts,
+    which a one-draft probe never would), the first one at once; a probe that does not bring
+    drafting back doubles the wait (up to `max_wait`).
     """
 
     def __init__(self, seconds: dict[int, float], prior: float = 0.5, memory: float = 0.8,

@@ -386,7 +386,7 @@ def test_measure_step_seconds_is_the_median_of_each_ks_timed_passes(monkeypatch)
     seconds = self_spec.measure_step_seconds(model, {0: step(0), 2: step(2)}, 3, repeats=4)
     assert seconds == {0: 3.0, 2: 9.0}  # sorted: [1, 2, 3, 5] and [7, 8, 9, 50]
     assert calls == [0, "tolist"] * 5 + [2, "tolist"] * 5  # each k's passes in a row
-    durations = {0: iter([100.0, 6, 1, 5, 2, 4, 3, 7]), 2: iter([0.0] * 8)}  # the default: 7 timed rounds
+    durations = {0: iter([100.0, 6, 1, 5, 2, 4, 3, 7]), 2: iter([0.0] * 8)}  # the default: 7 timed passes
     assert self_spec.measure_step_seconds(model, {0: step(0), 2: step(2)}, 3) == {0: 4.0, 2: 0.0}
 
 
