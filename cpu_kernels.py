@@ -23,9 +23,11 @@ They are ops of their own, so a compiled step stays one graph and reads the one 
 the model holds.
 
 A prompt's pass (prompt_pass) is the one place where a product has rows enough to be bound by
-arithmetic, not memory. On a CPU with AMX tiles its bfloat16 products go to PyTorch's (oneDNN, which
-multiplies on the tiles: a 2-core Xeon ran a 118-token prompt through a 16-layer 1B model in 0.5 s
-instead of 1.55), in chunks of PROMPT_ROWS rows, the last padded: oneDNN's sums for a row depend on
+arithmetic, not memory. On a CPU with AMX tiles or AVX-512's bfloat16 dot products its bfloat16
+products go to PyTorch's (oneDNN, which multiplies in bfloat16: a 2-core Xeon ran a 118-token prompt
+through a 16-layer 1B model on the tiles in 0.5 s instead of 1.55, a 2-core AMD EPYC a 134-token
+prompt through 4 such layers in 0.36-0.40 s instead of 0.44-0.53), in chunks of PROMPT_ROWS rows,
+the last padded: oneDNN's sums for a row depend on
 how many rows come with it, but not, at one shape, on which rows those are or where the row sits,
 so a prompt gets the same cache entries alone or prefilled beside others.
 """
@@ -42,7 +44,10 @@ from torch import Tensor
 ISAS = {"amx": 4, "avx512_vnni": 3, "avx512": 2, "avx2": 1}
 isa: Optional[str] = None  # the kernels in use: one of ISAS, "" (PyTorch's), None (not yet looked at)
 supported = ""  # the best this CPU runs, once built
-amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # prompt passes' bfloat16 products: oneDNN's
+# prompt passes' bfloat16 products go to oneDNN where the CPU multiplies bfloat16 itself: AMX's tiles
+# or AVX-512's bfloat16 dot products
+onednn_bfloat16 = any(getattr(torch.cpu, name, lambda: False)()
+                      for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 PROMPT_ROWS = 64  # rows of each of those products (128: 0.39 s for the 118 tokens above, but 2x a short prompt's time)
 in_prompt = False  # inside prompt_pass
 
@@ -102,7 +107,7 @@ def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: in
     """x (..., K) in any float dtype against weight (N, K) float32 / bfloat16 / int8 with scales (N,),
     or int4 weights packed by pack_int4 (no scales); int8 and int4 meet x rounded to 8 bits per
     block of 32 columns. Returns (..., N) in x's dtype. The sums are float32."""
-    if in_prompt and amx and weight.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
+    if in_prompt and onednn_bfloat16 and weight.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
         return prompt_linear(x, weight)
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
     out = torch.ops.layerskip.linear(rows, weight, scales, group, ISAS[isa])

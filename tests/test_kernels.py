@@ -148,12 +148,12 @@ def test_layers_run_the_engines_kernel_on_the_cpu_and_pytorchs_otherwise(monkeyp
 
 
 def test_a_prompts_bfloat16_products_give_a_row_the_same_bits_whatever_rows_come_with_it(monkeypatch):
-    """On a CPU with AMX a prompt's pass multiplies bfloat16 weights with oneDNN, whose sums for a row
-    change with the number of rows (on a Xeon, 1 against 33 rows of a 512 x 2048 weight); in chunks of
-    PROMPT_ROWS the rows of 70 computed at once, alone and seven at a time match bit for bit, and the
-    product is the float64 one to bfloat16's rounding. Forced on here whatever the CPU has; outside
+    """On a CPU with AMX or AVX-512 BF16 a prompt's pass multiplies bfloat16 weights with oneDNN, whose
+    sums for a row change with the number of rows (on a Xeon, 1 against 33 rows of a 512 x 2048
+    weight); in chunks of PROMPT_ROWS the rows of 70 computed at once, alone and seven at a time match
+    bit for bit, and the product is the float64 one to bfloat16's rounding. Forced on here whatever the CPU has; outside
     a prompt's pass the kernel runs (no oneDNN call)."""
-    monkeypatch.setattr(cpu_kernels, "amx", True)
+    monkeypatch.setattr(cpu_kernels, "onednn_bfloat16", True)
     calls = []
     original = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: calls.append(args[0].shape[0]) or original(*args))
@@ -177,7 +177,7 @@ def test_a_prompt_prefilled_alone_or_beside_others_gets_the_same_cache_and_first
     a prompt, through the kernel: a bfloat16 model's caches and first tokens for three prompts
     prefilled together (right-padded) equal each prompt's alone, bit for bit."""
     from common import prefill, right_padded
-    monkeypatch.setattr(cpu_kernels, "amx", True)
+    monkeypatch.setattr(cpu_kernels, "onednn_bfloat16", True)
     chunks = []
     original = cpu_kernels.prompt_linear
     monkeypatch.setattr(cpu_kernels, "prompt_linear", lambda x, w: chunks.append(w.shape) or original(x, w))
