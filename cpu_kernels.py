@@ -27,9 +27,9 @@ arithmetic, not memory. On a CPU with AMX tiles or AVX-512's bfloat16 dot produc
 products go to PyTorch's (oneDNN, which multiplies in bfloat16: a 2-core Xeon ran a 118-token prompt
 through a 16-layer 1B model on the tiles in 0.5 s instead of 1.55, a 2-core AMD EPYC a 134-token
 prompt through 4 such layers in 0.36-0.40 s instead of 0.44-0.53), in chunks of PROMPT_ROWS rows,
-the last padded: oneDNN's sums for a row depend on
-how many rows come with it, but not, at one shape, on which rows those are or where the row sits,
-so a prompt gets the same cache entries alone or prefilled beside others.
+the last padded: oneDNN's sums for a row depend on how many rows come with it, but not, at one
+shape, on which rows those are or where the row sits, so a prompt gets the same cache entries alone
+or prefilled beside others.
 """
 import logging
 import sys

@@ -151,8 +151,8 @@ def test_a_prompts_bfloat16_products_give_a_row_the_same_bits_whatever_rows_come
     """On a CPU with AMX or AVX-512 BF16 a prompt's pass multiplies bfloat16 weights with oneDNN, whose
     sums for a row change with the number of rows (on a Xeon, 1 against 33 rows of a 512 x 2048
     weight); in chunks of PROMPT_ROWS the rows of 70 computed at once, alone and seven at a time match
-    bit for bit, and the product is the float64 one to bfloat16's rounding. Forced on here whatever the CPU has; outside
-    a prompt's pass the kernel runs (no oneDNN call)."""
+    bit for bit, and the product is the float64 one to bfloat16's rounding. Forced on here whatever
+    the CPU has; outside a prompt's pass the kernel runs (no oneDNN call)."""
     monkeypatch.setattr(cpu_kernels, "onednn_bfloat16", True)
     calls = []
     original = torch.nn.functional.linear
