@@ -2,14 +2,15 @@
 // at first use). One op, layerskip::linear, compiled for AVX-512 (with and without VNNI) and for AVX2
 // and chosen at run time; int4 products of several rows use AMX's int8 tiles where the CPU has them.
 //
-// The kernels are written once, in the second half of this file, which the first half includes three
+// The kernels are written once, in the second half of this file, which the first half includes four
 // times (#include __FILE__), each time inside its own namespace and `#pragma GCC target`, with LANES 16
-// (AVX-512) or 8 (AVX2) and VNNI 1 or 0 (the VNNI build holds only the int8 and int4 kernels). One
-// file, so that the build's hash of its sources sees every change.
+// (AVX-512) or 8 (AVX2), VNNI 1 or 0 (the VNNI build holds only the int8 and int4 kernels) and BF16 1
+// or 0 (the BF16 build holds only the bfloat16 kernel, on AVX-512's bfloat16 dot products where the
+// CPU has them). One file, so that the build's hash of its sources sees every change.
 //
 // y[m, n] = sum_k x[m, k] * W[n, k] for float32 x, with W float32, bfloat16, int8 (times a scale
-// per output channel) or int4 (q * scale + shifted zero per group of input columns); int8 and int4
-// meet x quantized to 8 bits. Each tile of weight rows is read from memory once and applied to every
+// per output channel) or int4 (q * scale + shifted zero per group of input columns); bfloat16 meets
+// x rounded to bfloat16 (a bfloat16 model's activations are), int8 and int4 x quantized to 8 bits. Each tile of weight rows is read from memory once and applied to every
 // row of x while it sits in the cache. Every (row, channel) pair accumulates its products in the same
 // order whatever the tile it falls in, so a row's result does not depend on how many rows come with it.
 #ifndef LANES
@@ -41,6 +42,7 @@ static const bool rows_into_l2 = [] {
     return __builtin_cpu_is("amd") != 0;
 }();
 
+#define BF16 0
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 namespace avx512 {
@@ -74,6 +76,25 @@ namespace avx2 {
 #undef LANES
 }  // namespace avx2
 #pragma GCC pop_options
+#undef BF16
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+namespace avx512_bf16 {  // only the bfloat16 kernel, run where the CPU has AVX-512's bfloat16 dot products
+#define LANES 16
+#define VNNI 0
+#define BF16 1
+#include __FILE__
+#undef BF16
+#undef VNNI
+#undef LANES
+}  // namespace avx512_bf16
+#pragma GCC pop_options
+
+static const bool bfloat16_dot = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+}();
 
 // AMX's int8 tiles, where the CPU has them and Linux grants them: a process must ask for the tile
 // registers' state (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA) before its first tile
@@ -123,6 +144,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     at::Tensor s = scales ? scales->contiguous() : at::Tensor();
     if (isa >= 3 && kind == at::kByte) avx512_vnni::run_int4(x, weight, group, y, isa == 4);
     else if (isa >= 3 && kind == at::kChar) avx512_vnni::run_int8(x, weight, s, y);
+    else if (isa >= 3 && kind == at::kBFloat16 && bfloat16_dot) avx512_bf16::run_bfloat16(x, weight, y);
     else if (isa >= 2) avx512::run(x, weight, s, group, y);
     else avx2::run(x, weight, s, group, y);
     return y;
@@ -324,10 +346,21 @@ static void over_tiles(int64_t M, int64_t N, const Add& add, const Finish& finis
 }
 
 #if !VNNI
-// Each float kind of weight: load(n, k) gives LANES weights of channel n from column k as floats,
-// at(n, k) one weight (the columns past the last full vector); the kinds whose rows are `prefetched`
-// ask for them ahead of use (prefetch_row).
-struct Float32Weight {
+// Each float kind of weight: load(n, k) gives STEP weights of channel n from column k as a vector
+// operand, madd(x, w, sums) adds their products with x's (Input, as load_x reads it) to LANES float32
+// sums, at(n, k) gives one weight (the columns past the last full step); the kinds whose rows are
+// `prefetched` ask for them ahead of use (prefetch_row). Float32 and bfloat16 weights are converted
+// to float32 vectors and meet x in float32 (the caller rounds x to bfloat16 for bfloat16 weights).
+struct FloatProducts {
+    typedef float Input;
+    typedef vec Operand;
+    static constexpr int64_t STEP = LANES;
+    static vec load_x(const float* x) { return vload(x); }
+    static vec madd(vec x, vec w, vec sums) { return vfma(x, w, sums); }
+    static float input(float x) { return x; }
+};
+
+struct Float32Weight : FloatProducts {
     const float* w; int64_t K;
     vec load(int64_t n, int64_t k) const { return vload(w + n * K + k); }
     float at(int64_t n, int64_t k) const { return w[n * K + k]; }
@@ -335,30 +368,37 @@ struct Float32Weight {
                                               // threads, 9.3-9.5 -> 10.4-10.6 on one; one row unchanged
 };
 
-struct BFloat16Weight {
+static inline float bfloat16_value(uint16_t b) {
+    const uint32_t bits = uint32_t(b) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+struct BFloat16Weight : FloatProducts {
     const uint16_t* w; int64_t K;
     vec load(int64_t n, int64_t k) const { return vload_bf16(w + n * K + k); }
-    float at(int64_t n, int64_t k) const { uint32_t b = uint32_t(w[n * K + k]) << 16; float f; std::memcpy(&f, &b, 4); return f; }
+    float at(int64_t n, int64_t k) const { return bfloat16_value(w[n * K + k]); }
     static constexpr bool prefetched = true;  // a 2-core Xeon, two threads, M = 1 / 7: 23.0 / 16.9 -> 24.2 / 18.5 GB/s
 };
 
 // Columns [k0, k1) of R rows x C channels, added to the vector sums acc[r][c] (kept in memory between
 // blocks of columns: the order of the additions is the same as in one sweep).
 template <int R, int C, class Weight>
-static inline void tile(const Weight& wt, const float* x, int64_t K, int64_t k0, int64_t k1, int64_t n0,
-                        vec (*sums)[CHANNELS]) {
+static inline void tile(const Weight& wt, const typename Weight::Input* x, int64_t K, int64_t k0, int64_t k1,
+                        int64_t n0, vec (*sums)[CHANNELS]) {
     vec acc[R][C];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = sums[r][c];
-    for (int64_t k = k0; k < k1; k += LANES) {
-        vec w[C];
+    for (int64_t k = k0; k < k1; k += Weight::STEP) {
+        typename Weight::Operand w[C];
 #pragma GCC unroll 4
         for (int c = 0; c < C; c++) w[c] = wt.load(n0 + c, k);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
-            vec xv = vload(x + r * K + k);
+            const typename Weight::Operand xv = Weight::load_x(x + r * K + k);
 #pragma GCC unroll 4
-            for (int c = 0; c < C; c++) acc[r][c] = vfma(xv, w[c], acc[r][c]);
+            for (int c = 0; c < C; c++) acc[r][c] = Weight::madd(xv, w[c], acc[r][c]);
         }
     }
     for (int r = 0; r < R; r++)
@@ -366,7 +406,7 @@ static inline void tile(const Weight& wt, const float* x, int64_t K, int64_t k0,
 }
 
 template <int R, class Weight>
-static inline void tile_channels(const Weight& wt, const float* x, int64_t K, int64_t k0, int64_t k1, int64_t n0,
+static inline void tile_channels(const Weight& wt, const typename Weight::Input* x, int64_t K, int64_t k0, int64_t k1, int64_t n0,
                                  int channels, vec (*sums)[CHANNELS]) {
     switch (channels) {
         case 4: tile<R, 4>(wt, x, K, k0, k1, n0, sums); break;
@@ -382,11 +422,12 @@ static inline void tile_channels(const Weight& wt, const float* x, int64_t K, in
 constexpr int64_t COLUMN_BLOCK = 256;
 
 template <bool into_l2, class Weight>
-static void linear(const Weight& wt, const float* x, int64_t M, int64_t K, int64_t N, float* y) {
+static void linear(const Weight& wt, const typename Weight::Input* x, int64_t M, int64_t K, int64_t N, float* y) {
     static_assert(CHANNELS == 4, "tile_channels covers 1 to 4 channels");
-    const int64_t full = K - K % LANES;
+    static_assert(COLUMN_BLOCK % Weight::STEP == 0, "a block of columns holds whole steps");
+    const int64_t full = K - K % Weight::STEP;
     auto add = [&](int64_t n0, int channels, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) {
-        const float* xb = x + m0 * K;
+        const typename Weight::Input* xb = x + m0 * K;
         for (int64_t k0 = 0; k0 < full; k0 += COLUMN_BLOCK) {
             const int64_t k1 = std::min(full, k0 + COLUMN_BLOCK);
             if (Weight::prefetched)
@@ -404,13 +445,41 @@ static void linear(const Weight& wt, const float* x, int64_t M, int64_t K, int64
     over_tiles<CHANNELS, CHANNELS>(M, N, add, [&](int64_t m, int64_t n0, int channels, const vec* sums) {
         for (int64_t n = n0; n < n0 + channels; n++) {
             float s = vsum(sums[n - n0]);
-            for (int64_t k = full; k < K; k++) s = std::fma(x[m * K + k], wt.at(n, k), s);
+            for (int64_t k = full; k < K; k++) s = std::fma(Weight::input(x[m * K + k]), wt.at(n, k), s);
             y[m * N + n] = s;
         }
     });
 }
 
+#if BF16
+// bfloat16 weights with AVX-512's bfloat16 dot products: x rounded to bfloat16 once per product, one
+// instruction multiplies 32 columns of a channel with a row's, each product exact, and adds them in
+// pairs to 16 float32 sums - no conversion of the weights, a quarter of the float path's instructions.
+struct BFloat16Pairs {
+    typedef uint16_t Input;
+    typedef __m512bh Operand;
+    static constexpr int64_t STEP = 32;
+    static constexpr bool prefetched = true;
+    const uint16_t* w; int64_t K;
+    Operand load(int64_t n, int64_t k) const { return (__m512bh)_mm512_loadu_si512(w + n * K + k); }
+    float at(int64_t n, int64_t k) const { return bfloat16_value(w[n * K + k]); }
+    static Operand load_x(const uint16_t* x) { return (__m512bh)_mm512_loadu_si512(x); }
+    static vec madd(Operand x, Operand w, vec sums) { return _mm512_dpbf16_ps(sums, x, w); }
+    static float input(uint16_t x) { return bfloat16_value(x); }
+};
+
+static void run_bfloat16(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y) {
+    const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+    const at::Tensor rounded = x.to(at::kBFloat16);
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(rounded.data_ptr());
+    const BFloat16Pairs wt{reinterpret_cast<const uint16_t*>(weight.data_ptr()), K};
+    float* yp = y.data_ptr<float>();
+    rows_into_l2 ? linear<true>(wt, xp, M, K, N, yp) : linear<false>(wt, xp, M, K, N, yp);
+}
+#endif  // BF16
+
 #endif  // !VNNI
+#if !BF16
 
 // int8 and int4 weights against 8-bit activations, with integer dot products as llama.cpp computes
 // them: each row of x is quantized once per product, in blocks of 32 columns with a scale each
@@ -696,16 +765,26 @@ static void run_int4(const at::Tensor& x, const at::Tensor& weight, int64_t grou
     over_tiles<INT4_CHANNELS, INT4_VECS>(M, N, add, finish);
 }
 
-#if !VNNI
+#endif  // !BF16
+
+#if !VNNI && !BF16
 static void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group, at::Tensor& y) {
     const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
-    const float* xp = x.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    const Float32Weight f32{static_cast<const float*>(weight.data_ptr()), K};
-    const BFloat16Weight bf16{reinterpret_cast<const uint16_t*>(weight.data_ptr()), K};
+    const Float32Weight f32{{}, static_cast<const float*>(weight.data_ptr()), K};
+    const BFloat16Weight bf16{{}, reinterpret_cast<const uint16_t*>(weight.data_ptr()), K};
     switch (weight.scalar_type()) {
-        case at::kFloat: rows_into_l2 ? linear<true>(f32, xp, M, K, N, yp) : linear<false>(f32, xp, M, K, N, yp); break;
-        case at::kBFloat16: rows_into_l2 ? linear<true>(bf16, xp, M, K, N, yp) : linear<false>(bf16, xp, M, K, N, yp); break;
+        case at::kFloat: {
+            const float* xp = x.data_ptr<float>();
+            rows_into_l2 ? linear<true>(f32, xp, M, K, N, yp) : linear<false>(f32, xp, M, K, N, yp);
+            break;
+        }
+        case at::kBFloat16: {  // x rounded to bfloat16, as the dot-product path has it
+            const at::Tensor rounded = x.to(at::kBFloat16).to(at::kFloat);
+            const float* xp = rounded.data_ptr<float>();
+            rows_into_l2 ? linear<true>(bf16, xp, M, K, N, yp) : linear<false>(bf16, xp, M, K, N, yp);
+            break;
+        }
         case at::kChar: run_int8(x, weight, scales, y); break;
         default: run_int4(x, weight, group, y);
     }
@@ -768,6 +847,6 @@ static void run_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
         attention(q.data_ptr<c10::BFloat16>(), k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(),
                   input_pos.data_ptr<int64_t>(), out.data_ptr<c10::BFloat16>(), B, H, Q, D, KVH, L);
 }
-#endif  // !VNNI
+#endif  // !VNNI && !BF16
 
 #endif  // LANES

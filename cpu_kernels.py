@@ -5,17 +5,19 @@
 torch.ops.layerskip.linear, for float32, bfloat16, int8 (a scale per output channel) and int4 (a
 scale and a zero per group) weights and float32 activations: each block of weight rows is read from
 memory once and applied to every row of the input, so a pass over k + 1 or B rows costs about what
-one row costs until the arithmetic catches up with the memory. int8 and int4 layers round their
-input to 8 bits in blocks of 32 columns (as llama.cpp's Q8_0 does) and multiply with integer dot
-products, a quarter of the float arithmetic; int4 codes and float16 scales are packed at load into
-one stream per tile of channels (pack_int4), 5 bits a weight at groups of 32.
+one row costs until the arithmetic catches up with the memory. bfloat16 layers round their input to
+bfloat16 (a bfloat16 model's activations are already) and, on CPUs with AVX-512's bfloat16 dot
+products, multiply pairs of columns in one instruction. int8 and int4 layers round their input to
+8 bits in blocks of 32 columns (as llama.cpp's Q8_0 does) and multiply with integer dot products, a
+quarter of the float arithmetic; int4 codes and float16 scales are packed at load into one stream
+per tile of channels (pack_int4), 5 bits a weight at groups of 32.
 
 torch.ops.layerskip.attention, for the decoding steps: each query over the filled part of its row's
 cache, in one order whatever queries, rows and cache length come with it. PyTorch's attention
 blocks its sums by all three; rounding activations to 8 bits would turn those last-bit differences
 into different tokens between a verify pass, a batch and a lone step.
 
-Compiled for AVX-512 (with and without VNNI) and for AVX2 (with FMA and F16C) and chosen at run time;
+Compiled for AVX-512 (with and without VNNI and bfloat16) and for AVX2 (with FMA and F16C) and chosen at run time;
 on a CPU with AMX's int8 tiles ("amx"), int4 products of 5 rows or more run on the tiles, giving each
 row the bits the vector path gives it. Where they cannot
 be built (no compiler, no ninja) the model keeps PyTorch's kernels and one line on stderr says so.
@@ -23,11 +25,11 @@ They are ops of their own, so a compiled step stays one graph and reads the one 
 the model holds.
 
 A prompt's pass (prompt_pass) is the one place where a product has rows enough to be bound by
-arithmetic, not memory. On a CPU with AMX tiles or AVX-512's bfloat16 dot products its bfloat16
-products go to PyTorch's (oneDNN, which multiplies in bfloat16: a 2-core Xeon ran a 118-token prompt
-through a 16-layer 1B model on the tiles in 0.5 s instead of 1.55, a 2-core AMD EPYC a 134-token
-prompt through 4 such layers in 0.36-0.40 s instead of 0.44-0.53), in chunks of PROMPT_ROWS rows,
-the last padded: oneDNN's sums for a row depend on how many rows come with it, but not, at one
+arithmetic, not memory. On a CPU with AMX tiles its bfloat16 products go to PyTorch's (oneDNN, on the
+tiles: a 2-core Xeon ran a 118-token prompt through a 16-layer 1B model in 0.5 s instead of 1.55;
+without AMX, on a 2-core AMD EPYC with AVX-512's bfloat16 dot products, oneDNN ran a 134-token
+prompt through 4 such layers no faster than these kernels), in chunks of PROMPT_ROWS rows, the last
+padded: oneDNN's sums for a row depend on how many rows come with it, but not, at one
 shape, on which rows those are or where the row sits, so a prompt gets the same cache entries alone
 or prefilled beside others.
 """
@@ -44,10 +46,8 @@ from torch import Tensor
 ISAS = {"amx": 4, "avx512_vnni": 3, "avx512": 2, "avx2": 1}
 isa: Optional[str] = None  # the kernels in use: one of ISAS, "" (PyTorch's), None (not yet looked at)
 supported = ""  # the best this CPU runs, once built
-# prompt passes' bfloat16 products go to oneDNN where the CPU multiplies bfloat16 itself: AMX's tiles
-# or AVX-512's bfloat16 dot products
-onednn_bfloat16 = any(getattr(torch.cpu, name, lambda: False)()
-                      for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+# prompt passes' bfloat16 products go to oneDNN where the CPU has AMX's tiles
+onednn_bfloat16 = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 PROMPT_ROWS = 64  # rows of each of those products (128: 0.39 s for the 118 tokens above, but 2x a short prompt's time)
 in_prompt = False  # inside prompt_pass
 
@@ -105,8 +105,9 @@ def ready() -> bool:
 
 def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: int = 0) -> Tensor:
     """x (..., K) in any float dtype against weight (N, K) float32 / bfloat16 / int8 with scales (N,),
-    or int4 weights packed by pack_int4 (no scales); int8 and int4 meet x rounded to 8 bits per
-    block of 32 columns. Returns (..., N) in x's dtype. The sums are float32."""
+    or int4 weights packed by pack_int4 (no scales); bfloat16 meets x rounded to bfloat16, int8 and
+    int4 x rounded to 8 bits per block of 32 columns. Returns (..., N) in x's dtype. The sums are
+    float32."""
     if in_prompt and onednn_bfloat16 and weight.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
         return prompt_linear(x, weight)
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()

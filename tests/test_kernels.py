@@ -26,7 +26,8 @@ cpu_kernels.enable()
 @pytest.fixture(params=list(cpu_kernels.ISAS))
 def isa(request, monkeypatch):
     """Each instruction set's kernels, where this CPU has it (an AVX2-only CPU skips AVX-512). The
-    VNNI build differs from AVX-512's in int8 and int4 only."""
+    VNNI build differs from AVX-512's in int8 and int4, and in bfloat16 where the CPU has AVX-512's
+    bfloat16 dot products."""
     if request.param not in ISAS:
         pytest.skip(f"this CPU has no {request.param}")
     monkeypatch.setattr(cpu_kernels, "isa", request.param)
@@ -74,8 +75,9 @@ def test_each_kernel_equals_a_float64_product_of_its_weights(isa, kind):
     tail); for int4, columns that end in part of a block of 128 (352: 3 of its 4 spans of 32; 320: 2,
     for groups of 64); every row count of ROWS, which are and are not multiples of the row tiles (4
     rows on AVX-512, 2 on AVX2; AMX's tiles of 8 and 16 rows, from 5 rows).
-    int8 and int4 are held to the product of x rounded to 8 bits as the kernels round it
-    (rounded_reference), int4 with the float16 scales and zeros it is packed with.
+    bfloat16 is held to the product of x rounded to bfloat16, int8 and int4 to that of x rounded to
+    8 bits as the kernels round it (rounded_reference), int4 with the float16 scales and zeros it is
+    packed with.
     Tolerance: 1e-5 of sum |x| |w| per output (float32 accumulation over at most 512 products
     rounds to ~1e-6 of it; a wrong or missing term is of the order of the output itself)."""
     torch.manual_seed(0)
@@ -86,7 +88,8 @@ def test_each_kernel_equals_a_float64_product_of_its_weights(isa, kind):
         for rows in ROWS:
             x = torch.randn(rows, in_features)
             got = cpu_kernels.linear(x, *args)
-            expected = rounded_reference(x, w, zero) if kind.startswith("int") else x.double() @ w.t()
+            expected = (rounded_reference(x, w, zero) if kind.startswith("int") else
+                        x.bfloat16().double() @ w.t() if kind == "bfloat16" else x.double() @ w.t())
             bound = 1e-5 * (x.double().abs() @ w.abs().t())
             assert got.dtype == torch.float32 and got.shape == (rows, out_features)
             assert ((got.double() - expected).abs() <= bound).all(), (kind, out_features, in_features, rows)
@@ -148,11 +151,10 @@ def test_layers_run_the_engines_kernel_on_the_cpu_and_pytorchs_otherwise(monkeyp
 
 
 def test_a_prompts_bfloat16_products_give_a_row_the_same_bits_whatever_rows_come_with_it(monkeypatch):
-    """On a CPU with AMX or AVX-512 BF16 a prompt's pass multiplies bfloat16 weights with oneDNN, whose
-    sums for a row change with the number of rows (on a Xeon, 1 against 33 rows of a 512 x 2048
-    weight); in chunks of PROMPT_ROWS the rows of 70 computed at once, alone and seven at a time match
-    bit for bit, and the product is the float64 one to bfloat16's rounding. Forced on here whatever
-    the CPU has; outside a prompt's pass the kernel runs (no oneDNN call)."""
+    """On a CPU with AMX a prompt's pass multiplies bfloat16 weights with oneDNN, whose sums for a row
+    change with the number of rows (on a Xeon, 1 against 33 rows of a 512 x 2048 weight); in chunks of
+    PROMPT_ROWS the rows of 70 computed at once, alone and seven at a time match bit for bit, and the
+    product is the float64 one to bfloat16's rounding. Forced on here whatever the CPU has; outside a prompt's pass the kernel runs (no oneDNN call)."""
     monkeypatch.setattr(cpu_kernels, "onednn_bfloat16", True)
     calls = []
     original = torch.nn.functional.linear
