@@ -10,9 +10,10 @@
 //
 // y[m, n] = sum_k x[m, k] * W[n, k] for float32 x, with W float32, bfloat16, int8 (times a scale
 // per output channel) or int4 (q * scale + shifted zero per group of input columns); bfloat16 meets
-// x rounded to bfloat16 (a bfloat16 model's activations are), int8 and int4 x quantized to 8 bits. Each tile of weight rows is read from memory once and applied to every
-// row of x while it sits in the cache. Every (row, channel) pair accumulates its products in the same
-// order whatever the tile it falls in, so a row's result does not depend on how many rows come with it.
+// x rounded to bfloat16 (a bfloat16 model's activations are), int8 and int4 x quantized to 8 bits.
+// Each tile of weight rows is read from memory once and applied to every row of x while it sits in
+// the cache. Every (row, channel) pair accumulates its products in the same order whatever the tile
+// it falls in, so a row's result does not depend on how many rows come with it.
 #ifndef LANES
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -25,18 +26,17 @@
 #include <cstring>
 #include <vector>
 
-// Channels a thread's tile holds (float and int8 weights; int4: INT4_CHANNELS), and columns of a
-// block of packed int4 weights (pack_int4).
+// Channels a thread's tile holds (float weights; packed int8 and int4: TILE_CHANNELS), and columns
+// of a block of packed weights (pack_int8, pack_int4).
 constexpr int CHANNELS = 4;
-constexpr int INT4_CHANNELS = 16;
+constexpr int TILE_CHANNELS = 16;
 constexpr int64_t BLOCK = 128;
 
 // How far ahead prefetch_row asks for a tile's weight rows, and into which cache, differs by maker:
 // measured on 8192 x 2048 from memory, M = 1 / 7, GB/s. A 2-core AMD EPYC (family 25) read float32 at
 // 20-22 / 15 on two threads (12-14 / 8 on one) asking 1 KB along each row into L1, at 28-38 / 22-25
-// (17-21 / 13-15) asking 4 KB along each row into L2; bfloat16 and int8 at one row gained as much.
-// A 2-core Xeon gained from L1 at 1 KB (the comments at Float32Weight and the int8 kernel) and lost 3%
-// of int8's rate asking into L2.
+// (17-21 / 13-15) asking 4 KB along each row into L2; bfloat16 at one row gained as much. A 2-core
+// Xeon gained from L1 at 1 KB (the comments at Float32Weight).
 static const bool rows_into_l2 = [] {
     __builtin_cpu_init();
     return __builtin_cpu_is("amd") != 0;
@@ -118,8 +118,9 @@ int64_t supported_isa() {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") ? 1 : 0;
 }
 
-// x (M, K) float32; weight (N, K) float32 / bfloat16 / int8 with scales (N,) float32, or int4 codes and
-// scales packed by cpu_kernels.pack_int4 (uint8, no scales). Returns (M, N) float32.
+// x (M, K) float32; weight (N, K) float32 / bfloat16, int8 codes packed by cpu_kernels.pack_int8 (uint8)
+// with scales (N,) float32, or int4 codes and scales packed by cpu_kernels.pack_int4 (uint8, no
+// scales). Returns (M, N) float32.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales,
                   int64_t group, int64_t isa) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous (M, K) float32");
@@ -127,23 +128,29 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     TORCH_CHECK(isa >= 1 && isa <= supported_isa(), "instruction set ", isa, " is not available on this CPU");
     const int64_t K = x.size(1), N = weight.size(0);
     const auto kind = weight.scalar_type();
-    if (kind == at::kByte) {
+    const int64_t tiles = (N + TILE_CHANNELS - 1) / TILE_CHANNELS;
+    const int64_t stored = int64_t(weight.storage().nbytes()) - weight.storage_offset();
+    if (kind == at::kByte && scales) {
+        // pack_int8's layout: N x (K rounded up to whole blocks) in name, the storage holds whole tiles
+        const int64_t per_channel = (K + BLOCK - 1) / BLOCK * BLOCK;
+        TORCH_CHECK(weight.size(1) == per_channel && group == 0, "int8: not packed by pack_int8 for this K");
+        TORCH_CHECK(stored >= tiles * TILE_CHANNELS * per_channel, "int8: the packed storage is short");
+        TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->numel() == N, "int8: scales (N,) float32");
+    } else if (kind == at::kByte) {
         // pack_int4's layout: N x (bytes per channel) in name, the storage holds whole tiles
         const int64_t blocks = (K + BLOCK - 1) / BLOCK, per_channel = blocks * (BLOCK / 2 + 4 * std::max<int64_t>(1, BLOCK / group));
         TORCH_CHECK(group >= 32 && group <= 256 && (group & (group - 1)) == 0 && K % group == 0 &&
                     weight.size(1) == per_channel && !scales, "int4: not packed by pack_int4 for this group and K");
-        TORCH_CHECK(int64_t(weight.storage().nbytes()) - weight.storage_offset() >=
-                    (N + INT4_CHANNELS - 1) / INT4_CHANNELS * INT4_CHANNELS * per_channel, "int4: the packed storage is short");
+        TORCH_CHECK(stored >= tiles * TILE_CHANNELS * per_channel, "int4: the packed storage is short");
     } else {
-        TORCH_CHECK(kind == at::kFloat || kind == at::kBFloat16 || kind == at::kChar, "weight dtype");
+        TORCH_CHECK(kind != at::kChar, "int8: codes as the file holds them, not packed by pack_int8");
+        TORCH_CHECK(kind == at::kFloat || kind == at::kBFloat16, "weight dtype");
         TORCH_CHECK(weight.size(1) == K, "weight and x differ in K");
-        TORCH_CHECK(kind != at::kChar || (scales && scales->scalar_type() == at::kFloat && scales->numel() == N),
-                    "int8: scales (N,) float32");
     }
     at::Tensor y = at::empty({x.size(0), N}, x.options());
     at::Tensor s = scales ? scales->contiguous() : at::Tensor();
-    if (isa >= 3 && kind == at::kByte) avx512_vnni::run_int4(x, weight, group, y, isa == 4);
-    else if (isa >= 3 && kind == at::kChar) avx512_vnni::run_int8(x, weight, s, y);
+    if (isa >= 3 && kind == at::kByte && scales) avx512_vnni::run_int8(x, weight, s, y);
+    else if (isa >= 3 && kind == at::kByte) avx512_vnni::run_int4(x, weight, group, y, isa == 4);
     else if (isa >= 3 && kind == at::kBFloat16 && bfloat16_dot) avx512_bf16::run_bfloat16(x, weight, y);
     else if (isa >= 2) avx512::run(x, weight, s, group, y);
     else avx2::run(x, weight, s, group, y);
@@ -216,8 +223,8 @@ static inline float vmax_all(vec a) { return _mm512_reduce_max_ps(a); }
 static inline void vstore_rounded(int8_t* p, vec a) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a)));
 }
-// Lane j: the sum over r of the 4 products of bytes 4j..4j+3 of w[r] (unsigned, at most 15) and the
-// 4 bytes q[4r..4r+3] (signed), r = 0..7: one channel's span of 32 columns against x's.
+// Lane j: the sum over r of the 4 products of bytes 4j..4j+3 of w[r] (unsigned; at most 15 without
+// VNNI) and the 4 bytes q[4r..4r+3] (signed), r = 0..7: one channel's span of 32 columns against x's.
 static inline ivec span_dot(const ivec* w, const int8_t* q) {
     int32_t quad[8];
     std::memcpy(quad, q, 32);
@@ -234,17 +241,9 @@ static inline ivec span_dot(const ivec* w, const int8_t* q) {
     return _mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
 #endif
 }
-static inline ivec magnitudes(ivec a) { return _mm512_abs_epi8(a); }
-// Lane j: the sum of the 4 products of bytes 4j..4j+3 of w and q, both signed, as |w| (unsigned)
-// times q with w's sign; |w| <= 128 keeps maddubs' pairs within int16.
-static inline ivec signed_dot(ivec magnitude, ivec w, ivec q) {
-    const ivec zero = _mm512_setzero_si512(), signed_q = _mm512_mask_sub_epi8(q, _mm512_movepi8_mask(w), zero, q);
-#if VNNI
-    return _mm512_dpbusd_epi32(zero, magnitude, signed_q);
-#else
-    return _mm512_madd_epi16(_mm512_maddubs_epi16(magnitude, signed_q), _mm512_set1_epi16(1));
-#endif
-}
+// 16 a + b and a - v in each 32-bit lane
+static inline ivec sixteen_times_plus(ivec a, ivec b) { return _mm512_add_epi32(_mm512_slli_epi32(a, 4), b); }
+static inline ivec minus(ivec a, int32_t v) { return _mm512_sub_epi32(a, _mm512_set1_epi32(v)); }
 #else
 typedef __m256 vec;
 static inline vec vzero() { return _mm256_setzero_ps(); }
@@ -290,10 +289,8 @@ static inline ivec span_dot(const ivec* w, const int8_t* q) {  // as on AVX-512 
     for (int r = 1; r < 8; r++) pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[r], _mm256_set1_epi32(quad[r])));
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
-static inline ivec magnitudes(ivec a) { return _mm256_abs_epi8(a); }
-static inline ivec signed_dot(ivec magnitude, ivec w, ivec q) {  // as on AVX-512 without VNNI
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(q, w)), _mm256_set1_epi16(1));
-}
+static inline ivec sixteen_times_plus(ivec a, ivec b) { return _mm256_add_epi32(_mm256_slli_epi32(a, 4), b); }
+static inline ivec minus(ivec a, int32_t v) { return _mm256_sub_epi32(a, _mm256_set1_epi32(v)); }
 #endif
 constexpr int64_t ROW_BLOCK = 64;  // rows whose partial sums a thread keeps at once
 // Each block of weights asks for the memory PREFETCH bytes ahead of it in its stream: the hardware's
@@ -489,10 +486,10 @@ static void run_bfloat16(const at::Tensor& x, const at::Tensor& weight, at::Tens
 // still does not depend on the rows beside it.
 //
 // Row r's columns go to q[r * width ...] (width: K padded to a multiple of 32, the columns past K
-// quantized as 0); each run of `span` columns (4: int8's dot product lanes, 32: int4's spans) gets
-// its block's d, and where xsum is given, each block the sum of its columns of x.
-static void quantize_activations(const float* x, int64_t M, int64_t K, int64_t width, int span, int8_t* q, float* d,
-                                 float* xsum) {
+// quantized as 0), and each block's d to d[(r * width + b) / 32]; where given, each block's sum of
+// its columns of x to xsum (int4), of its codes to qsum (int8), at the same index.
+static void quantize_activations(const float* x, int64_t M, int64_t K, int64_t width, int8_t* q, float* d,
+                                 float* xsum, int32_t* qsum) {
     at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; r++)
             for (int64_t b = 0; b < width; b += 32) {
@@ -510,7 +507,12 @@ static void quantize_activations(const float* x, int64_t M, int64_t K, int64_t w
                 }
                 const float amax = vmax_all(most), inverse = amax > 0.f ? 127.f / amax : 0.f;
                 for (int i = 0; i < 32 / LANES; i++) vstore_rounded(q + r * width + b + i * LANES, vmul(v[i], vset1(inverse)));
-                for (int j = 0; j < 32 / span; j++) d[(r * width + b) / span + j] = amax / 127.f;
+                d[(r * width + b) / 32] = amax / 127.f;
+                if (qsum) {
+                    int32_t total = 0;
+                    for (int j = 0; j < 32; j++) total += q[r * width + b + j];
+                    qsum[(r * width + b) / 32] = total;
+                }
                 if (!xsum) continue;
                 vec sum = v[0];
                 for (int i = 1; i < 32 / LANES; i++) sum = vadd(sum, v[i]);
@@ -519,70 +521,8 @@ static void quantize_activations(const float* x, int64_t M, int64_t K, int64_t w
     });
 }
 
-// int8: the codes as the file holds them, (N, K), CHANNELS rows at a time, each row asked for ahead
-// of use (prefetch_row; a 2-core Xeon, two threads, 8192 x 2048, M = 1 / 7: 15 / 9 GB/s without it,
-// 21 / 14 with it; 17 / 9 asking 4 KB further along each row: at K = 2048 a row the tile reads
-// already). A vector holds VECTOR = 4 * LANES columns; lane j of a dot product sums columns 4j to
-// 4j + 3, in one block of 32. The columns past the last full vector (K not a multiple of VECTOR)
-// are added one by one.
-constexpr int64_t VECTOR = 4 * LANES;
-
-struct Int8Product {
-    const int8_t* w; const float* scales; int64_t N, K, width;
-    const int8_t* q; const float* d;  // the activations, d per 4 columns
-};
-
-// The tile of channels from n0 against rows [m0, m0 + rows); a tile's missing channels (past N)
-// read the last channel again and their sums are not written.
-template <bool into_l2>
-static inline void int8_tile(const Int8Product& p, int64_t n0, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) {
-    const int8_t* w[CHANNELS];
-    for (int c = 0; c < CHANNELS; c++) w[c] = p.w + std::min(n0 + c, p.N - 1) * p.K;
-    const int64_t full = p.K - p.K % VECTOR;
-    for (int64_t k = 0; k < full; k += VECTOR) {
-        ivec codes[CHANNELS], magnitude[CHANNELS];
-        for (int c = 0; c < CHANNELS; c++) {
-            prefetch_row<into_l2>(w[c], k, p.K, VECTOR);
-            codes[c] = iload(w[c] + k);
-            magnitude[c] = magnitudes(codes[c]);
-        }
-        for (int64_t r = 0; r < rows; r++) {
-            const int64_t at = (m0 + r) * p.width + k;
-            const ivec q = iload(p.q + at);
-            const vec d = vload(p.d + at / 4);
-#pragma GCC unroll 4
-            for (int c = 0; c < CHANNELS; c++) sums[r][c] = vfma(vcvt(signed_dot(magnitude[c], codes[c], q)), d, sums[r][c]);
-        }
-    }
-}
-
-// x (M, K) float32 against int8 codes (N, K) with scales (N,): W = codes * scales, the scale applied
-// once, to a channel's sum.
-static void run_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, at::Tensor& y) {
-    const int64_t M = x.size(0), K = x.size(1), N = y.size(1), width = (K + 31) / 32 * 32, full = K - K % VECTOR;
-    at::Tensor q = at::empty({M * width}, x.options().dtype(at::kChar));
-    at::Tensor d = at::empty({M * width / 4}, x.options());
-    const Int8Product p{weight.data_ptr<int8_t>(), scales.data_ptr<float>(), N, K, width, q.data_ptr<int8_t>(), d.data_ptr<float>()};
-    quantize_activations(x.data_ptr<float>(), M, K, width, 4, q.data_ptr<int8_t>(), d.data_ptr<float>(), nullptr);
-    float* yp = y.data_ptr<float>();
-    auto add = [&](int64_t n0, int, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) {
-        rows_into_l2 ? int8_tile<true>(p, n0, m0, rows, sums) : int8_tile<false>(p, n0, m0, rows, sums);
-    };
-    over_tiles<CHANNELS, CHANNELS>(M, N, add, [&](int64_t m, int64_t n0, int channels, const vec* sums) {
-        for (int64_t n = n0; n < n0 + channels; n++) {
-            float s = vsum(sums[n - n0]);
-            for (int64_t b = full; b < K; b += 32) {  // full is a multiple of 32: the tail's blocks start there
-                int32_t dot = 0;
-                for (int64_t k = b; k < std::min(K, b + 32); k++) dot += int32_t(p.w[n * K + k]) * p.q[m * width + k];
-                s = std::fma(float(dot), p.d[(m * width + b) / 4], s);
-            }
-            yp[m * N + n] = s * p.scales[n];
-        }
-    });
-}
-
 // int4: the weights are packed at load (cpu_kernels.pack_int4) so that a thread reads one stream of
-// memory: per tile of INT4_CHANNELS = 16 channels and per block of BLOCK columns, the codes of the
+// memory: per tile of TILE_CHANNELS = 16 channels and per block of BLOCK columns, the codes of the
 // block's spans of SPAN = 32 columns (256 bytes each), then the tile's (scale, shifted zero) pairs
 // in float16 (16 scales, then 16 zeros) for each of the block's max(1, BLOCK / group) groups.
 // Reading tiles of separate rows of codes and scales (8 streams a core) ran at half the rate of one
@@ -595,8 +535,8 @@ static void run_int8(const at::Tensor& x, const at::Tensor& weight, const at::Te
 // activations, quantized per span (one d and one sum of x each), are read in place. Each (row,
 // channel) adds d * scale * sum(code * q) + shifted zero * sum(x) once per span, in the order of the
 // spans, whichever path computes the integer sums.
-constexpr int64_t SPAN = 32, SPAN_BYTES = INT4_CHANNELS * SPAN / 2;
-constexpr int SPANS = BLOCK / SPAN, INT4_VECS = INT4_CHANNELS / LANES;
+constexpr int64_t SPAN = 32, SPAN_BYTES = TILE_CHANNELS * SPAN / 2;
+constexpr int SPANS = BLOCK / SPAN, TILE_VECS = TILE_CHANNELS / LANES;
 
 struct Int4Product {
     const uint8_t* w; int64_t blocks, block_bytes, spans;  // spans: K / SPAN
@@ -607,7 +547,7 @@ struct Int4Product {
 // One span of one tile: its 8 rows of codes for channels [h * LANES, (h + 1) * LANES) of the tile.
 static inline void span_codes(const uint8_t* span, int h, ivec* w) {
     for (int r = 0; r < 4; r++) {
-        const ivec bytes = iload(span + r * 4 * INT4_CHANNELS + h * 4 * LANES);
+        const ivec bytes = iload(span + r * 4 * TILE_CHANNELS + h * 4 * LANES);
         w[r] = nibbles(bytes, 0);
         w[r + 4] = nibbles(bytes, 4);
     }
@@ -619,22 +559,22 @@ static inline vec add_span(vec sum, ivec dot, const Int4Product& p, int64_t at, 
     return vfma(vmul(vcvt(dot), vset1(p.d[at])), scale, vfma(zero, vset1(p.xsum[at]), sum));
 }
 
-// Tile t (channels from t * INT4_CHANNELS) against rows [m0, m0 + rows): each span's codes are
+// Tile t (channels from t * TILE_CHANNELS) against rows [m0, m0 + rows): each span's codes are
 // unpacked once for all the rows. A tile's channels past N are zeros; their sums are not written.
-static inline void int4_tile(const Int4Product& p, int64_t t, int64_t m0, int64_t rows, vec (*sums)[INT4_VECS]) {
+static inline void int4_tile(const Int4Product& p, int64_t t, int64_t m0, int64_t rows, vec (*sums)[TILE_VECS]) {
     const uint8_t* block = p.w + t * p.blocks * p.block_bytes;
     for (int64_t b = 0; b < p.blocks; b++, block += p.block_bytes) {
         // Into L2, not L1: on a 2-core Xeon (AVX-512 VNNI) 17 -> 20-21 GB/s from memory at M = 1 on two
-        // threads, 9 -> 10.5 on one (int8's rows: 3% slower into L2, so they keep L1)
+        // threads, 9 -> 10.5 on one
         prefetch<_MM_HINT_T1>(block + PREFETCH, p.block_bytes);
         const uint16_t* pairs = reinterpret_cast<const uint16_t*>(block + SPANS * SPAN_BYTES);
         const int spans = int(std::min<int64_t>(SPANS, p.spans - b * SPANS));
         for (int s = 0; s < spans; s++)
-            for (int h = 0; h < INT4_VECS; h++) {
+            for (int h = 0; h < TILE_VECS; h++) {
                 ivec w[8];
                 span_codes(block + s * SPAN_BYTES, h, w);
-                const uint16_t* pair = pairs + p.pair[s] * 2 * INT4_CHANNELS + h * LANES;
-                const vec scale = vload_halves(pair), zero = vload_halves(pair + INT4_CHANNELS);
+                const uint16_t* pair = pairs + p.pair[s] * 2 * TILE_CHANNELS + h * LANES;
+                const vec scale = vload_halves(pair), zero = vload_halves(pair + TILE_CHANNELS);
                 for (int64_t r = 0; r < rows; r++) {
                     const int64_t at = (m0 + r) * p.spans + b * SPANS + s;
                     sums[r][h] = add_span(sums[r][h], span_dot(w, p.q + at * SPAN), p, at, scale, zero);
@@ -675,7 +615,7 @@ struct AmxTiles {
 
 // Rows [m0, m0 + R) of tile t, over all of K; their sums added to sums[0 .. rows).
 template <int R>
-static inline void int4_rows_amx(const Int4Product& p, int64_t t, int64_t m0, int64_t rows, vec (*sums)[INT4_VECS]) {
+static inline void int4_rows_amx(const Int4Product& p, int64_t t, int64_t m0, int64_t rows, vec (*sums)[TILE_VECS]) {
     alignas(64) uint8_t codes[SPANS][8][64];
     alignas(64) int32_t dots[SPANS][R][16];
     vec acc[R];
@@ -703,8 +643,8 @@ static inline void int4_rows_amx(const Int4Product& p, int64_t t, int64_t m0, in
 #undef SPAN_PRODUCT
         const uint16_t* pairs = reinterpret_cast<const uint16_t*>(block + SPANS * SPAN_BYTES);
         for (int s = 0; s < spans; s++) {
-            const uint16_t* pair = pairs + p.pair[s] * 2 * INT4_CHANNELS;
-            const vec scale = vload_halves(pair), zero = vload_halves(pair + INT4_CHANNELS);
+            const uint16_t* pair = pairs + p.pair[s] * 2 * TILE_CHANNELS;
+            const vec scale = vload_halves(pair), zero = vload_halves(pair + TILE_CHANNELS);
 #pragma GCC unroll 16
             for (int r = 0; r < R; r++)
                 acc[r] = add_span(acc[r], _mm512_load_si512(dots[s][r]), p, (m0 + r) * p.spans + b * SPANS + s, scale, zero);
@@ -713,7 +653,7 @@ static inline void int4_rows_amx(const Int4Product& p, int64_t t, int64_t m0, in
     for (int r = 0; r < rows; r++) sums[r][0] = acc[r];
 }
 
-static inline void int4_tile_amx(const Int4Product& p, int64_t t, int64_t m0, int64_t rows, int64_t R, vec (*sums)[INT4_VECS]) {
+static inline void int4_tile_amx(const Int4Product& p, int64_t t, int64_t m0, int64_t rows, int64_t R, vec (*sums)[TILE_VECS]) {
     for (int64_t r0 = 0; r0 < rows; r0 += R) {
         const int64_t n = std::min(R, rows - r0);
         if (R == 8) int4_rows_amx<8>(p, t, m0 + r0, n, sums + r0);
@@ -735,34 +675,104 @@ static void run_int4(const at::Tensor& x, const at::Tensor& weight, int64_t grou
     const int64_t padded = (M + R - 1) / R * R;  // rows of x that whole tiles of R rows read: zeros past M
     at::Tensor q = at::zeros({padded * K}, x.options().dtype(at::kChar));
     at::Tensor d = at::zeros({2, padded * spans}, x.options());
-    Int4Product p{weight.data_ptr<uint8_t>(), blocks, INT4_CHANNELS * (BLOCK / 2 + 4 * pairs), spans, {},
+    Int4Product p{weight.data_ptr<uint8_t>(), blocks, TILE_CHANNELS * (BLOCK / 2 + 4 * pairs), spans, {},
                   q.data_ptr<int8_t>(), d.data_ptr<float>(), d.data_ptr<float>() + padded * spans};
     for (int s = 0; s < SPANS; s++) p.pair[s] = group <= BLOCK ? int(s * SPAN / group) : 0;
-    quantize_activations(x.data_ptr<float>(), M, K, K, SPAN, q.data_ptr<int8_t>(), d.data_ptr<float>(),
-                         d.data_ptr<float>() + padded * spans);
+    quantize_activations(x.data_ptr<float>(), M, K, K, q.data_ptr<int8_t>(), d.data_ptr<float>(),
+                         d.data_ptr<float>() + padded * spans, nullptr);
     float* yp = y.data_ptr<float>();
     auto finish = [&](int64_t m, int64_t n0, int channels, const vec* sums) {
-        if (channels == INT4_CHANNELS) {
-            for (int h = 0; h < INT4_VECS; h++) vstore(yp + m * N + n0 + h * LANES, sums[h]);
+        if (channels == TILE_CHANNELS) {
+            for (int h = 0; h < TILE_VECS; h++) vstore(yp + m * N + n0 + h * LANES, sums[h]);
             return;
         }
-        float all[INT4_CHANNELS];
-        for (int h = 0; h < INT4_VECS; h++) vstore(all + h * LANES, sums[h]);
+        float all[TILE_CHANNELS];
+        for (int h = 0; h < TILE_VECS; h++) vstore(all + h * LANES, sums[h]);
         std::copy(all, all + channels, yp + m * N + n0);
     };
 #if VNNI
     if (amx) {
-        auto add = [&](int64_t n0, int, int64_t m0, int64_t rows, vec (*sums)[INT4_VECS]) {
-            int4_tile_amx(p, n0 / INT4_CHANNELS, m0, rows, R, sums);
+        auto add = [&](int64_t n0, int, int64_t m0, int64_t rows, vec (*sums)[TILE_VECS]) {
+            int4_tile_amx(p, n0 / TILE_CHANNELS, m0, rows, R, sums);
         };
-        over_tiles<INT4_CHANNELS, INT4_VECS, AmxTiles>(M, N, add, finish);
+        over_tiles<TILE_CHANNELS, TILE_VECS, AmxTiles>(M, N, add, finish);
         return;
     }
 #endif
-    auto add = [&](int64_t n0, int, int64_t m0, int64_t rows, vec (*sums)[INT4_VECS]) {
-        int4_tile(p, n0 / INT4_CHANNELS, m0, rows, sums);
+    auto add = [&](int64_t n0, int, int64_t m0, int64_t rows, vec (*sums)[TILE_VECS]) {
+        int4_tile(p, n0 / TILE_CHANNELS, m0, rows, sums);
     };
-    over_tiles<INT4_CHANNELS, INT4_VECS>(M, N, add, finish);
+    over_tiles<TILE_CHANNELS, TILE_VECS>(M, N, add, finish);
+}
+
+// int8: the codes packed at load (cpu_kernels.pack_int8) into int4's tiles and spans, one stream of
+// memory: per tile of 16 channels and block of BLOCK columns, the block's spans of 32 columns, each
+// 8 rows of 64 bytes, byte 4c + j of row i holding channel c's column 4i + j as code + 128 (unsigned,
+// as the dot products take their first operand; the columns past K code 0). A span's integer sum for
+// a row is then sum((code + 128) * q) - 128 * sum(q), exact, a lane per channel: no sums across
+// lanes, and a byte of weights costs a quarter of the instructions it cost read as (N, K) rows. Each
+// (row, channel) adds d * that once per span, in the order of the spans, and multiplies by the
+// channel's scale at the end.
+constexpr int64_t INT8_SPAN_BYTES = TILE_CHANNELS * SPAN, INT8_BLOCK_BYTES = SPANS * INT8_SPAN_BYTES;
+
+struct Int8Product {
+    const uint8_t* w; int64_t blocks, spans;  // spans: K / SPAN, rounded up
+    const int8_t* q; const float* d; const int32_t* qsum;  // the activations: q (M, spans * SPAN), d and qsum (M, spans)
+};
+
+// Tile t (channels from t * TILE_CHANNELS) against rows [m0, m0 + rows): each span's codes are loaded
+// once for all the rows. A tile's channels past N are zeros; their sums are not written.
+static inline void int8_tile(const Int8Product& p, int64_t t, int64_t m0, int64_t rows, vec (*sums)[TILE_VECS]) {
+    const uint8_t* block = p.w + t * p.blocks * INT8_BLOCK_BYTES;
+    for (int64_t b = 0; b < p.blocks; b++, block += INT8_BLOCK_BYTES) {
+        // 16 KB ahead, into L2: on a 2-core AMD EPYC, 8192 x 2048 from memory at M = 1, GB/s median of 5
+        // interleaved runs, two threads / one: 26.7 / 15.4 at 4 KB ahead, 26.3 / 17.1 at 8, 28.7 / 17.8 at 16
+        prefetch<_MM_HINT_T1>(block + 4 * PREFETCH, INT8_BLOCK_BYTES);
+        const int spans = int(std::min<int64_t>(SPANS, p.spans - b * SPANS));
+        for (int s = 0; s < spans; s++)
+            for (int h = 0; h < TILE_VECS; h++) {
+                ivec w[8];
+                for (int i = 0; i < 8; i++) w[i] = iload(block + s * INT8_SPAN_BYTES + i * 4 * TILE_CHANNELS + h * 4 * LANES);
+#if !VNNI  // maddubs' int16 pairs hold codes up to 15 (span_dot): a byte is 16 x its high nibble + its low one
+                ivec high[8];
+                for (int i = 0; i < 8; i++) {
+                    high[i] = nibbles(w[i], 4);
+                    w[i] = nibbles(w[i], 0);
+                }
+#endif
+                for (int64_t r = 0; r < rows; r++) {
+                    const int64_t at = (m0 + r) * p.spans + b * SPANS + s;
+#if VNNI
+                    const ivec dot = span_dot(w, p.q + at * SPAN);
+#else
+                    const ivec dot = sixteen_times_plus(span_dot(high, p.q + at * SPAN), span_dot(w, p.q + at * SPAN));
+#endif
+                    sums[r][h] = vfma(vcvt(minus(dot, 128 * p.qsum[at])), vset1(p.d[at]), sums[r][h]);
+                }
+            }
+    }
+}
+
+// x (M, K) float32 against int8 codes packed by pack_int8 with scales (N,): W = codes * scales.
+static void run_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, at::Tensor& y) {
+    const int64_t M = x.size(0), K = x.size(1), N = y.size(1), spans = (K + SPAN - 1) / SPAN;
+    at::Tensor q = at::empty({M * spans * SPAN}, x.options().dtype(at::kChar));
+    at::Tensor d = at::empty({M * spans}, x.options());
+    at::Tensor qsum = at::empty({M * spans}, x.options().dtype(at::kInt));
+    quantize_activations(x.data_ptr<float>(), M, K, spans * SPAN, q.data_ptr<int8_t>(), d.data_ptr<float>(), nullptr,
+                         qsum.data_ptr<int32_t>());
+    const Int8Product p{weight.data_ptr<uint8_t>(), (K + BLOCK - 1) / BLOCK, spans, q.data_ptr<int8_t>(),
+                        d.data_ptr<float>(), qsum.data_ptr<int32_t>()};
+    const float* channel_scales = scales.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    auto add = [&](int64_t n0, int, int64_t m0, int64_t rows, vec (*sums)[TILE_VECS]) {
+        int8_tile(p, n0 / TILE_CHANNELS, m0, rows, sums);
+    };
+    over_tiles<TILE_CHANNELS, TILE_VECS>(M, N, add, [&](int64_t m, int64_t n0, int channels, const vec* sums) {
+        float all[TILE_CHANNELS];
+        for (int h = 0; h < TILE_VECS; h++) vstore(all + h * LANES, sums[h]);
+        for (int c = 0; c < channels; c++) yp[m * N + n0 + c] = all[c] * channel_scales[n0 + c];
+    });
 }
 
 #endif  // !BF16
@@ -785,8 +795,7 @@ static void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
             rows_into_l2 ? linear<true>(bf16, xp, M, K, N, yp) : linear<false>(bf16, xp, M, K, N, yp);
             break;
         }
-        case at::kChar: run_int8(x, weight, scales, y); break;
-        default: run_int4(x, weight, group, y);
+        default: scales.defined() ? run_int8(x, weight, scales, y) : run_int4(x, weight, group, y);
     }
 }
 

@@ -9,18 +9,20 @@ one row costs until the arithmetic catches up with the memory. bfloat16 layers r
 bfloat16 (a bfloat16 model's activations are already) and, on CPUs with AVX-512's bfloat16 dot
 products, multiply pairs of columns in one instruction. int8 and int4 layers round their input to
 8 bits in blocks of 32 columns (as llama.cpp's Q8_0 does) and multiply with integer dot products, a
-quarter of the float arithmetic; int4 codes and float16 scales are packed at load into one stream
-per tile of channels (pack_int4), 5 bits a weight at groups of 32.
+quarter of the float arithmetic. Both are packed at load into one stream per tile of 16 channels,
+laid out as the dot products take them, a lane per channel: int8 codes (pack_int8; the scales
+apart, one per channel), int4 codes with their float16 scales (pack_int4), 5 bits a weight at
+groups of 32.
 
 torch.ops.layerskip.attention, for the decoding steps: each query over the filled part of its row's
 cache, in one order whatever queries, rows and cache length come with it. PyTorch's attention
 blocks its sums by all three; rounding activations to 8 bits would turn those last-bit differences
 into different tokens between a verify pass, a batch and a lone step.
 
-Compiled for AVX-512 (with and without VNNI and bfloat16) and for AVX2 (with FMA and F16C) and chosen at run time;
-on a CPU with AMX's int8 tiles ("amx"), int4 products of 5 rows or more run on the tiles, giving each
-row the bits the vector path gives it. Where they cannot
-be built (no compiler, no ninja) the model keeps PyTorch's kernels and one line on stderr says so.
+Compiled for AVX-512 (with and without VNNI and bfloat16 dot products) and for AVX2 (with FMA and
+F16C) and chosen at run time; on a CPU with AMX's int8 tiles ("amx"), int4 products of 5 rows or
+more run on the tiles, giving each row the bits the vector path gives it. Where they cannot be
+built (no compiler, no ninja) the model keeps PyTorch's kernels and one line on stderr says so.
 They are ops of their own, so a compiled step stays one graph and reads the one copy of the weights
 the model holds.
 
@@ -104,8 +106,8 @@ def ready() -> bool:
 
 
 def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: int = 0) -> Tensor:
-    """x (..., K) in any float dtype against weight (N, K) float32 / bfloat16 / int8 with scales (N,),
-    or int4 weights packed by pack_int4 (no scales); bfloat16 meets x rounded to bfloat16, int8 and
+    """x (..., K) in any float dtype against weight (N, K) float32 / bfloat16, int8 codes packed by
+    pack_int8 with scales (N,) float32, or int4 weights packed by pack_int4 (no scales); bfloat16 meets x rounded to bfloat16, int8 and
     int4 x rounded to 8 bits per block of 32 columns. Returns (..., N) in x's dtype. The sums are
     float32."""
     if in_prompt and onednn_bfloat16 and weight.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
@@ -134,9 +136,29 @@ def prompt_linear(x: Tensor, weight: Tensor) -> Tensor:
     return out[:rows.shape[0]].view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
-INT4_TILE, INT4_BLOCK, INT4_SPAN = 16, 128, 32  # channels and columns of a packed block, columns of a span
-                                                # (cpu_kernels.cpp: INT4_CHANNELS, BLOCK, SPAN)
-PACK_TILES = 256  # tiles pack_int4 lays out at a time
+TILE, BLOCK, SPAN = 16, 128, 32  # channels and columns of a packed block, columns of a span
+                                 # (cpu_kernels.cpp: TILE_CHANNELS, BLOCK, SPAN)
+PACK_TILES = 256  # tiles pack_int8 and pack_int4 lay out at a time
+
+
+def pack_int8(codes: Tensor) -> Tensor:
+    """int8 codes (N, K), as quantize.py writes them, in the kernel's layout: per tile of 16 channels
+    and block of 128 columns, the block's 4 spans of 32 columns, each 8 rows of 64 bytes (byte 4c + j
+    of row i: channel c's column 4i + j), every code + 128 as an unsigned byte; the columns past K
+    and the last tile's missing channels hold code 0. Returns a uint8 (N, K rounded up to whole
+    blocks) view of a storage that also holds the last tile's missing channels."""
+    n, k = codes.shape
+    tiles, blocks = -(-n // TILE), -(-k // BLOCK)
+    data = torch.empty(tiles, blocks, TILE * BLOCK, dtype=torch.uint8)
+    for t0 in range(0, tiles, PACK_TILES):  # a few tiles at a time: small temporaries beside a large head
+        t1, c0 = min(tiles, t0 + PACK_TILES), t0 * TILE
+        c1 = min(n, t1 * TILE)
+        offset = torch.full(((t1 - t0) * TILE, blocks * BLOCK), 128, dtype=torch.uint8)
+        offset[:c1 - c0, :k] = codes[c0:c1].view(torch.uint8) ^ 128  # two's complement + 128
+        # (tile, channel c, block, span, row i, column j) -> (tile, block, span, i, c, j)
+        offset = offset.view(t1 - t0, TILE, blocks, BLOCK // SPAN, 8, 4).permute(0, 2, 3, 4, 1, 5)
+        data[t0:t1] = offset.reshape(t1 - t0, blocks, -1)
+    return data.view(-1)[:n * blocks * BLOCK].view(n, blocks * BLOCK)
 
 
 def pack_int4(codes: Tensor, scales_and_zeros: Tensor, group: int) -> Tensor:
@@ -149,27 +171,27 @@ def pack_int4(codes: Tensor, scales_and_zeros: Tensor, group: int) -> Tensor:
     Returns a uint8 (N, bytes per channel) view of a storage that also holds the last tile's missing
     channels (zeros)."""
     n, half = codes.shape
-    tiles, blocks, pairs = -(-n // INT4_TILE), -(-2 * half // INT4_BLOCK), max(1, INT4_BLOCK // group)
-    spans, code_bytes = INT4_BLOCK // INT4_SPAN, INT4_TILE * INT4_BLOCK // 2  # code_bytes: a tile's, a block
-    data = torch.zeros(tiles, blocks, code_bytes + 4 * INT4_TILE * pairs, dtype=torch.uint8)
+    tiles, blocks, pairs = -(-n // TILE), -(-2 * half // BLOCK), max(1, BLOCK // group)
+    spans, code_bytes = BLOCK // SPAN, TILE * BLOCK // 2  # code_bytes: a tile's, a block
+    data = torch.zeros(tiles, blocks, code_bytes + 4 * TILE * pairs, dtype=torch.uint8)
     for t0 in range(0, tiles, PACK_TILES):  # a few tiles at a time: small temporaries beside a large head
-        t1, c0 = min(tiles, t0 + PACK_TILES), t0 * INT4_TILE
-        c1 = min(n, t1 * INT4_TILE)
-        nibbles = torch.zeros((t1 - t0) * INT4_TILE, blocks * INT4_BLOCK, dtype=torch.uint8)
+        t1, c0 = min(tiles, t0 + PACK_TILES), t0 * TILE
+        c1 = min(n, t1 * TILE)
+        nibbles = torch.zeros((t1 - t0) * TILE, blocks * BLOCK, dtype=torch.uint8)
         nibbles[:c1 - c0, :2 * half] = torch.stack([codes[c0:c1] >> 4, codes[c0:c1] & 15], dim=-1).view(c1 - c0, -1)
         # (tile, channel c, block, span, half, row r, column j) -> (tile, block, span, r, c, j, half)
-        nibbles = nibbles.view(t1 - t0, INT4_TILE, blocks, spans, 2, 4, 4).permute(0, 2, 3, 5, 1, 6, 4)
+        nibbles = nibbles.view(t1 - t0, TILE, blocks, spans, 2, 4, 4).permute(0, 2, 3, 5, 1, 6, 4)
         data[t0:t1, :, :code_bytes] = (nibbles[..., 0] | nibbles[..., 1] << 4).reshape(t1 - t0, blocks, -1)
         scale, zero = scales_and_zeros[:, c0:c1].float().unbind(-1)  # (K / group, channels) each
         table = torch.stack([scale, zero - 8 * scale]).transpose(1, 2)  # (2, channels, K / group)
-        if group > INT4_BLOCK:  # a group spans several blocks: each block holds its group's pair
-            table = table.repeat_interleave(group // INT4_BLOCK, dim=2)
-        half_table = torch.zeros(2, (t1 - t0) * INT4_TILE, blocks * pairs, dtype=torch.float16)
+        if group > BLOCK:  # a group spans several blocks: each block holds its group's pair
+            table = table.repeat_interleave(group // BLOCK, dim=2)
+        half_table = torch.zeros(2, (t1 - t0) * TILE, blocks * pairs, dtype=torch.float16)
         half_table[:, :c1 - c0, :table.shape[2]] = table.half()  # the columns past K: scale and zero 0
         # (scale or zero, tile, channel, block, pair) -> (tile, block, pair, scale or zero, channel)
-        half_table = half_table.view(2, t1 - t0, INT4_TILE, blocks, pairs).permute(1, 3, 4, 0, 2)
+        half_table = half_table.view(2, t1 - t0, TILE, blocks, pairs).permute(1, 3, 4, 0, 2)
         data[t0:t1, :, code_bytes:] = half_table.reshape(t1 - t0, blocks, -1).contiguous().view(torch.uint8)
-    per_channel = blocks * (INT4_BLOCK // 2 + 4 * pairs)
+    per_channel = blocks * (BLOCK // 2 + 4 * pairs)
     return data.view(-1)[:n * per_channel].view(n, per_channel)
 
 
@@ -222,7 +244,7 @@ def main() -> None:
     # name -> (a copy of the weights, the product of x with such a copy); bytes: every byte a copy holds
     kernels = {"own float32": (lambda: w.clone(), lambda x, c: linear(x, c)),
                "own bfloat16": (lambda: w.bfloat16(), lambda x, c: linear(x, c)),
-               "own int8": (lambda: (codes8.clone(), scales8.clone()), lambda x, c: linear(x, *c)),
+               "own int8": (lambda: (pack_int8(codes8), scales8.clone()), lambda x, c: linear(x, *c)),
                "own int4 g32 (float16 scales)": (lambda: pack_int4(codes4, sz, 32), lambda x, c: linear(x, c, None, 32))}
     if args.pytorch:
         kernels |= {

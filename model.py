@@ -132,7 +132,7 @@ class Transformer(nn.Module):
     def set_draft_vocab(self, ids: Optional[Tensor]) -> None:
         """Drafts over these token ids only (None: the whole vocabulary), through a head made here
         once of the LM head's rows for them - a copy, so that a draft reads N contiguous rows.
-        A quantized head gives its kept codes and scales; an int4 head must not be packed yet
+        A quantized head gives its kept codes and scales; it must not be packed yet
         (load_model's draft_ids)."""
         if ids is None:
             self.draft_ids, self.draft_output = None, None
@@ -317,7 +317,7 @@ QUANTIZATION_VERSION = 1  # of the quantized file format; load_model refuses any
 
 class Int8Linear(nn.Module):
     """A linear layer stored as int8 codes with one scale per output channel: W = codes * scales.
-    On a CPU the engine's kernel takes the codes as they are; without it, PyTorch's."""
+    pack() lays the codes out for the engine's CPU kernel; PyTorch's kernels take them as they are."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -325,9 +325,19 @@ class Int8Linear(nn.Module):
         self.register_buffer("codes", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features))  # cast with the model to the activation dtype
 
+    own_kernel = False  # packed for cpu_kernels
+
+    def pack(self) -> None:
+        """Once, after the model is on its device: on a CPU with the engine's kernels, the codes in
+        their layout (cpu_kernels.pack_int8); elsewhere as they are."""
+        if self.codes.device.type == "cpu" and cpu_kernels.ready():
+            self.register_buffer("packed", cpu_kernels.pack_int8(self.codes))
+            del self.codes
+            self.own_kernel = True
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and cpu_kernels.ready():
-            return cpu_kernels.linear(x, self.codes, self.scales.float())
+        if self.own_kernel:
+            return cpu_kernels.linear(x, self.packed, self.scales.float())
         if x.device.type == "cpu" and self.in_features % 16 == 0:
             # The CPU kernel reads the int8 weight once (no float copy of it). It needs rows of a
             # multiple of 16 (it crashes on others) and, in bfloat16, 32-byte aligned input rows,
@@ -385,8 +395,8 @@ class Int4Linear(nn.Module):
 
 def kept_rows(layer: nn.Module, ids: Tensor) -> nn.Module:
     """A linear layer of the same kind holding copies of `layer`'s output rows `ids`."""
-    if isinstance(layer, Int4Linear) and not hasattr(layer, "codes"):
-        raise ValueError("the int4 head is packed already: give the draft vocabulary to load_model")
+    if isinstance(layer, (Int4Linear, Int8Linear)) and not hasattr(layer, "codes"):
+        raise ValueError("the quantized head is packed already: give the draft vocabulary to load_model")
     if isinstance(layer, Int8Linear):
         rows = {"codes": layer.codes[ids], "scales": layer.scales[ids]}
         make = partial(Int8Linear, layer.in_features, len(ids))
@@ -552,8 +562,9 @@ def load_model(checkpoint_path: Path, device: str = "cpu", dtype: Optional[torch
     # head first lowered the peak by 0.15 GB, but decoding measured 2-4% slower, the packed layers
     # placed differently in memory.
     for module in model.modules():
-        if isinstance(module, Int4Linear):
-            read = [file_pages(module.codes, file_storages), file_pages(module.scales_and_zeros, file_storages)]
+        if isinstance(module, (Int4Linear, Int8Linear)):
+            read = [file_pages(getattr(module, name), file_storages) for name in ("codes", "scales_and_zeros")
+                    if hasattr(module, name)]
             module.pack()
             for pages in read:
                 release_pages(pages)

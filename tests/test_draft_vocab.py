@@ -35,7 +35,7 @@ def quantized_file(path, tmp_path, mode: str, groupsize=None):
 @pytest.mark.parametrize("style", ["llama2", "llama32"])
 def test_the_draft_head_gives_the_full_heads_logits_of_the_kept_tokens(checkpoints, tmp_path, style):
     """Float (untied and tied to the embedding), int8 and int4 (kept rows taken before packing; 37
-    rows, padded to the kernel's 16): draft_head(h) is head(h) at the kept ids, in their order."""
+    rows, padded to the kernels' 16): draft_head(h) is head(h) at the kept ids, in their order."""
     path, _ = checkpoints(style)
     vocab = load_model(path).args.vocab_size
     ids = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:37].sort().values
@@ -50,8 +50,9 @@ def test_the_draft_head_gives_the_full_heads_logits_of_the_kept_tokens(checkpoin
         assert torch.equal(model.draft_ids, ids)
         # the bandwidth report counts what a full forward reads: not the draft head's copy
         assert weight_bytes(model) == weight_bytes(load_model(file, "cpu", torch.float32)), kind
-    with pytest.raises(ValueError, match="packed already"):
-        model.set_draft_vocab(ids)  # the int4 head is packed: its rows are no longer codes
+    for kind in ("int8", "int4"):  # their heads are packed at load: the rows are no longer codes
+        with pytest.raises(ValueError, match="packed already"):
+            load_model(files[kind], "cpu", torch.float32).set_draft_vocab(ids)
     model = load_model(path)
     for bad in (torch.tensor([1, 1, 2]), torch.tensor([0, vocab]), torch.tensor([-1, 3]), torch.tensor([], dtype=torch.long)):
         with pytest.raises(ValueError, match="draft vocabulary"):
@@ -75,7 +76,8 @@ def partial_prefill(model, idx, lengths, rows):
 def test_greedy_equals_autoregressive_for_every_kept_set(checkpoints, tmp_path, style):
     """Kept sets of 1 token, a few, half, all, and one without any token the full model emits
     (every draft falls outside it: nothing is accepted, every token comes from the verify pass);
-    one row and two rows of a batch refilled with three prompts; float and int8."""
+    one row and two rows of a batch refilled with three prompts; float and int8 (its head packed at
+    load: the kept set given to load_model)."""
     path, _ = checkpoints(style)
     torch.manual_seed(1)
     prompts = [[1] + torch.randint(3, 300, (n,)).tolist() for n in (4, 11, 2)]
@@ -89,7 +91,7 @@ def test_greedy_equals_autoregressive_for_every_kept_set(checkpoints, tmp_path, 
                      "all": torch.arange(vocab), "outside": outside}
         agreement = {}
         for name, ids in kept_sets.items():
-            model.set_draft_vocab(ids)
+            model = load_model(file, "cpu", torch.float32, draft_ids=ids)
             for batch_size in (1, 2):
                 tokens, acceptance = run(model, prompts, N_LAYER // 2, k=3, batch_size=batch_size)
                 assert tokens == reference, (file.name, name, batch_size)

@@ -44,7 +44,8 @@ def kernel_weights(kind: str, rows: int, columns: int) -> tuple[torch.Tensor, tu
         return w.bfloat16().double(), (w.bfloat16(), None, 0), None
     if kind == "int8":
         codes, scales = quantize.quantize_int8(w)
-        return quantize.dequantize_int8(codes, scales).double(), (codes, scales, 0), torch.zeros(rows, columns).double()
+        return (quantize.dequantize_int8(codes, scales).double(), (cpu_kernels.pack_int8(codes), scales, 0),
+                torch.zeros(rows, columns).double())
     group = int(kind.removeprefix("int4 g"))
     codes, sz = quantize.quantize_int4(w, group)
     scale, zero = sz.unbind(-1)  # what pack_int4 keeps: scale and zero - 8 scale, in float16
@@ -70,10 +71,10 @@ def rounded_reference(x: torch.Tensor, w: torch.Tensor, zero: torch.Tensor) -> t
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kernel_equals_a_float64_product_of_its_weights(isa, kind):
-    """Output channels a multiple of the tiles (64: 4 channels, 16 for int4) and not (37); input
-    columns a multiple of the vector (512) and, but for int4 (whole groups), not (100: a scalar
-    tail); for int4, columns that end in part of a block of 128 (352: 3 of its 4 spans of 32; 320: 2,
-    for groups of 64); every row count of ROWS, which are and are not multiples of the row tiles (4
+    """Output channels a multiple of the tiles (64: 4 channels, 16 for int8 and int4) and not (37);
+    input columns a multiple of the vector (512) and, but for int4 (whole groups), not (100: a scalar
+    tail for the float kinds, a span of 32 only partly in K for int8); for int8 and int4, columns
+    that end in part of a block of 128 (352: 3 of its 4 spans of 32; 320: 2, for groups of 64); every row count of ROWS, which are and are not multiples of the row tiles (4
     rows on AVX-512, 2 on AVX2; AMX's tiles of 8 and 16 rows, from 5 rows).
     bfloat16 is held to the product of x rounded to bfloat16, int8 and int4 to that of x rounded to
     8 bits as the kernels round it (rounded_reference), int4 with the float16 scales and zeros it is
@@ -109,7 +110,7 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(isa, kind):
 
 
 def test_layers_run_the_engines_kernel_on_the_cpu_and_pytorchs_otherwise(monkeypatch):
-    """Linear (float32 and bfloat16, no gradient wanted), Int8Linear and a packed Int4Linear call
+    """Linear (float32 and bfloat16, no gradient wanted) and a packed Int8Linear and Int4Linear call
     layerskip.linear; a Linear whose weight wants a gradient (training) and every layer with the
     kernels switched off (as where they cannot be built) do not, and give the same products."""
     calls = []
@@ -128,20 +129,23 @@ def test_layers_run_the_engines_kernel_on_the_cpu_and_pytorchs_otherwise(monkeyp
     layers["bfloat16"].weight.data.copy_(w)
     layers["int8"].codes, layers["int8"].scales = quantize.quantize_int8(w)
     layers["int4"].codes, layers["int4"].scales_and_zeros = quantize.quantize_int4(w, 32)
-    fallback_int4 = Int4Linear(256, 40, 32)
-    fallback_int4.codes, fallback_int4.scales_and_zeros = layers["int4"].codes, layers["int4"].scales_and_zeros
+    fallbacks = {"int8": Int8Linear(256, 40), "int4": Int4Linear(256, 40, 32)}
+    fallbacks["int8"].codes, fallbacks["int8"].scales = layers["int8"].codes, layers["int8"].scales
+    fallbacks["int4"].codes, fallbacks["int4"].scales_and_zeros = layers["int4"].codes, layers["int4"].scales_and_zeros
+    layers["int8"].pack()
     layers["int4"].pack()
     x = torch.randn(3, 256)
     with torch.no_grad():
         own = {name: layer(x.to(layer.weight.dtype if name == "bfloat16" else torch.float32))
                for name, layer in layers.items()}
-    assert calls == [torch.float32, torch.bfloat16, torch.int8, torch.uint8]
+    assert calls == [torch.float32, torch.bfloat16, torch.uint8, torch.uint8]
     calls.clear()
     trained = layers["float32"](x)  # the weight wants a gradient: autograd's product
     assert trained.requires_grad and calls == []
     monkeypatch.setattr(cpu_kernels, "isa", "")
-    fallback_int4.pack()
-    layers["int4"] = fallback_int4
+    for name, layer in fallbacks.items():
+        layer.pack()  # PyTorch's layout (int4), none (int8)
+        layers[name] = layer
     with torch.no_grad():
         for name, layer in layers.items():
             theirs = layer(x.to(layer.weight.dtype if name == "bfloat16" else torch.float32)).float()
@@ -295,25 +299,26 @@ for isa in sys.argv[1:]:
             assert torch.equal(guarded.isfinite(), torch.ones_like(guarded, dtype=torch.bool))
     for out_features, in_features in ((37, 100), (5, 352), (6, 256)):
         codes, scales = quantize.quantize_int8(torch.randn(out_features, in_features))
-        guarded = cpu_kernels.linear(torch.randn(3, in_features), before_a_guard_page(codes), scales)
+        packed = before_a_guard_page(cpu_kernels.pack_int8(codes))
+        guarded = cpu_kernels.linear(torch.randn(3, in_features), packed, scales)
         assert torch.equal(guarded.isfinite(), torch.ones_like(guarded, dtype=torch.bool))
 print("read nothing past the weights")
 """
 
 
 def test_int8_and_int4_read_nothing_past_their_weights():
-    """int4: the last block of 128 columns may be partly padding and the last tile of 16 channels
-    partly missing channels (K = 352, 320, 192; N = 37, 5, 3, 6), through 3 and 9 rows. int8: the codes as they are, the last tile of channels partly
-    missing (N = 37, 5) and columns past the last full vector (K = 100, 352). With the weights ending
+    """The last block of 128 columns may be partly padding and the last tile of 16 channels partly
+    missing channels: int4 K = 352, 320, 192 and N = 37, 5, 3, 6, through 3 and 9 rows; int8 K = 100,
+    352, 256 and N = 37, 5, 6, through 3 rows. With the weights ending
     where an unreadable page begins, a read past them ends the process (SIGSEGV)."""
     proc = subprocess.run([sys.executable, "-c", GUARDED, *ISAS], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0 and "read nothing past the weights" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
 
 
-def test_int4_refuses_weights_not_packed_for_it():
-    """Codes as the file holds them, a packing for another group size and a packed view without
-    its storage's padding: each a clear error, never a read past the tensor."""
+def test_int8_and_int4_refuse_weights_not_packed_for_them():
+    """Codes as the file holds them, a packing for another group size or K and a packed view
+    without its storage's padding: each a clear error, never a read past the tensor."""
     codes, sz = quantize.quantize_int4(torch.randn(8, 256), 32)
     packed = cpu_kernels.pack_int4(codes, sz, 32)
     x = torch.randn(2, 256)
@@ -321,6 +326,12 @@ def test_int4_refuses_weights_not_packed_for_it():
                                    (packed.clone(), 32, "storage is short")):
         with pytest.raises(RuntimeError, match=message):
             cpu_kernels.linear(x, weight, None, group)
+    codes, scales = quantize.quantize_int8(torch.randn(8, 256))
+    packed = cpu_kernels.pack_int8(codes)
+    for weight, columns, message in ((codes, 256, "not packed"), (packed, 384, "not packed"),
+                                     (packed.clone(), 256, "storage is short")):
+        with pytest.raises(RuntimeError, match=message):
+            cpu_kernels.linear(torch.randn(2, columns), weight, scales)
 
 
 def test_a_failed_build_says_so_in_one_line_and_keeps_pytorchs_kernels(tmp_path):

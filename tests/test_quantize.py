@@ -106,6 +106,9 @@ def test_packed_kernels_equal_a_float_matmul_of_the_dequantized_weight(dtype, ke
             code_times_scale = dequantized - shifted_zero
             layer.pack()  # PyTorch's kernel: rows padded to 48; the engine's: none
             assert layer.packed.shape[0] == (48 if kernels == "pytorch" else 40) and not hasattr(layer, "codes")
+        else:
+            layer.pack()  # the engine's kernel: its layout; PyTorch's: the codes as they are
+            assert hasattr(layer, "packed") == (kernels == "own") != hasattr(layer, "codes")
         for rows in (1, 3, 8):
             x = torch.randn(2, rows, 256).to(dtype)
             expected = x.double() @ dequantized.double().t()
@@ -121,6 +124,7 @@ def test_packed_kernels_equal_a_float_matmul_of_the_dequantized_weight(dtype, ke
     layer = linear("int8", weights("random", rows=8, columns=40)).to(dtype)
     x = torch.randn(3, 40).to(dtype)
     dequantized = quantize.dequantize_int8(layer.codes, layer.scales)
+    layer.pack()
     expected = x.double() @ dequantized.double().t()
     bound = tolerance * expected.abs().max() + (rounding(x, dequantized) if kernels == "own" else 0)
     assert ((layer(x).double() - expected).abs() <= bound).all()
@@ -369,8 +373,10 @@ def test_quantized_layers_take_inputs_the_kernels_would_refuse(kernels):
     rounding = 5e-2 if kernels == "own" else 1e-5  # the engine's int4 kernel rounds x to 8 bits
     assert (layer(x).double() - expected).abs().max() <= rounding * expected.abs().max()
     layer = linear("int8", w).to(torch.bfloat16)
+    dequantized = quantize.dequantize_int8(layer.codes, layer.scales)
+    layer.pack()
     x = torch.randn(1 + 3 * 256).to(torch.bfloat16)[1:].view(3, 256)  # 2 bytes past an aligned start
-    expected = x.double() @ quantize.dequantize_int8(layer.codes, layer.scales).double().t()
+    expected = x.double() @ dequantized.double().t()
     assert (layer(x).double() - expected).abs().max() <= 1e-2 * expected.abs().max()
 
 
