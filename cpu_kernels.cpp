@@ -1,6 +1,7 @@
 // CPU linear-layer kernels for weight-streaming decoding (see cpu_kernels.py, which builds this file
-// at first use). One op, layerskip::linear, compiled for AVX-512 (with and without VNNI) and for AVX2
-// and chosen at run time; int4 products of several rows use AMX's int8 tiles where the CPU has them.
+// at first use). One op, layerskip::linear, compiled for AVX-512 (with and without VNNI, with and
+// without bfloat16 dot products) and for AVX2 and chosen at run time; int4 products of several rows use
+// AMX's int8 tiles where the CPU has them.
 //
 // The kernels are written once, in the second half of this file, which the first half includes four
 // times (#include __FILE__), each time inside its own namespace and `#pragma GCC target`, with LANES 16
