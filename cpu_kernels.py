@@ -40,7 +40,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -141,12 +141,13 @@ TILE, BLOCK, SPAN = 16, 128, 32  # channels and columns of a packed block, colum
 PACK_TILES = 256  # tiles pack_int8 and pack_int4 lay out at a time
 
 
-def pack_int8(codes: Tensor) -> Tensor:
+def pack_int8(codes: Tensor, done: Optional[Callable[[Tensor], None]] = None) -> Tensor:
     """int8 codes (N, K), as quantize.py writes them, in the kernel's layout: per tile of 16 channels
     and block of 128 columns, the block's 4 spans of 32 columns, each 8 rows of 64 bytes (byte 4c + j
     of row i: channel c's column 4i + j), every code + 128 as an unsigned byte; the columns past K
     and the last tile's missing channels hold code 0. Returns a uint8 (N, K rounded up to whole
-    blocks) view of a storage that also holds the last tile's missing channels."""
+    blocks) view of a storage that also holds the last tile's missing channels. done(rows), given,
+    hears each run of codes' rows once laid out (load_model hands their pages of the file back)."""
     n, k = codes.shape
     tiles, blocks = -(-n // TILE), -(-k // BLOCK)
     data = torch.empty(tiles, blocks, TILE * BLOCK, dtype=torch.uint8)
@@ -158,10 +159,12 @@ def pack_int8(codes: Tensor) -> Tensor:
         # (tile, channel c, block, span, row i, column j) -> (tile, block, span, i, c, j)
         offset = offset.view(t1 - t0, TILE, blocks, BLOCK // SPAN, 8, 4).permute(0, 2, 3, 4, 1, 5)
         data[t0:t1] = offset.reshape(t1 - t0, blocks, -1)
+        if done:
+            done(codes[c0:c1])
     return data.view(-1)[:n * blocks * BLOCK].view(n, blocks * BLOCK)
 
 
-def pack_int4(codes: Tensor, scales_and_zeros: Tensor, group: int) -> Tensor:
+def pack_int4(codes: Tensor, scales_and_zeros: Tensor, group: int, done: Optional[Callable[[Tensor], None]] = None) -> Tensor:
     """int4 codes (N, K / 2), two a byte (high nibble first), and scales_and_zeros (K / group, N, 2)
     of (scale, zero) with W = (code - 8) * scale + zero, as quantize.py writes them, in the kernel's
     layout: per tile of 16 channels and block of 128 columns, the codes of the block's 4 spans of 32
@@ -169,7 +172,7 @@ def pack_int4(codes: Tensor, scales_and_zeros: Tensor, group: int) -> Tensor:
     in the high one), then the tile's scales and shifted zeros (zero - 8 scale) in float16, 16 of each
     for each of the block's max(1, 128 / group) groups, so that a product reads one stream of memory.
     Returns a uint8 (N, bytes per channel) view of a storage that also holds the last tile's missing
-    channels (zeros)."""
+    channels (zeros). done(rows): as pack_int8's."""
     n, half = codes.shape
     tiles, blocks, pairs = -(-n // TILE), -(-2 * half // BLOCK), max(1, BLOCK // group)
     spans, code_bytes = BLOCK // SPAN, TILE * BLOCK // 2  # code_bytes: a tile's, a block
@@ -191,6 +194,8 @@ def pack_int4(codes: Tensor, scales_and_zeros: Tensor, group: int) -> Tensor:
         # (scale or zero, tile, channel, block, pair) -> (tile, block, pair, scale or zero, channel)
         half_table = half_table.view(2, t1 - t0, TILE, blocks, pairs).permute(1, 3, 4, 0, 2)
         data[t0:t1, :, code_bytes:] = half_table.reshape(t1 - t0, blocks, -1).contiguous().view(torch.uint8)
+        if done:
+            done(codes[c0:c1])
     per_channel = blocks * (BLOCK // 2 + 4 * pairs)
     return data.view(-1)[:n * per_channel].view(n, per_channel)
 

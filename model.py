@@ -327,11 +327,11 @@ class Int8Linear(nn.Module):
 
     own_kernel = False  # packed for cpu_kernels
 
-    def pack(self) -> None:
+    def pack(self, done: Optional[Callable[[Tensor], None]] = None) -> None:
         """Once, after the model is on its device: on a CPU with the engine's kernels, the codes in
-        their layout (cpu_kernels.pack_int8); elsewhere as they are."""
+        their layout (cpu_kernels.pack_int8, which calls done(rows) as it goes); elsewhere as they are."""
         if self.codes.device.type == "cpu" and cpu_kernels.ready():
-            self.register_buffer("packed", cpu_kernels.pack_int8(self.codes))
+            self.register_buffer("packed", cpu_kernels.pack_int8(self.codes, done))
             del self.codes
             self.own_kernel = True
 
@@ -361,14 +361,14 @@ class Int4Linear(nn.Module):
 
     own_kernel = False  # packed for cpu_kernels
 
-    def pack(self) -> None:
+    def pack(self, done: Optional[Callable[[Tensor], None]] = None) -> None:
         """Once, after the model is on its device and in its dtype: the kernels' own weight layout.
         The engine's CPU kernel takes codes and scales in one stream (cpu_kernels.pack_int4, float16
-        scales). PyTorch's kernels want their packing, with the rows padded to a multiple of 16 on
-        CPU, 8 on CUDA."""
+        scales; it calls done(rows) as it goes). PyTorch's kernels want their packing, with the rows
+        padded to a multiple of 16 on CPU, 8 on CUDA."""
         codes, on_cpu = self.codes, self.codes.device.type == "cpu"
         if on_cpu and cpu_kernels.ready():
-            self.register_buffer("packed", cpu_kernels.pack_int4(codes, self.scales_and_zeros, self.groupsize))
+            self.register_buffer("packed", cpu_kernels.pack_int4(codes, self.scales_and_zeros, self.groupsize, done))
             del self.codes, self.scales_and_zeros
             self.own_kernel = True
             return
@@ -461,13 +461,14 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
 
 
 def file_pages(tensor: Tensor, file_storages: dict) -> range:
-    """The whole pages under `tensor` when it lies in one of the memory-mapped checkpoint's
-    storages (file_storages, by address); none for any other memory (a copy out of the file, a
-    GPU's), which release_pages must never touch."""
+    """The whole pages under a contiguous `tensor` when it lies in one of the memory-mapped
+    checkpoint's storages (file_storages, by address); none for any other memory (a copy out of
+    the file, a GPU's), which release_pages must never touch."""
     storage = tensor.untyped_storage()
-    if tensor.device.type != "cpu" or storage.data_ptr() not in file_storages:
+    if tensor.device.type != "cpu" or storage.data_ptr() not in file_storages or not tensor.is_contiguous():
         return range(0)
-    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    start = tensor.data_ptr()
+    end = start + tensor.nbytes
     return range(-(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE)
 
 
@@ -565,7 +566,8 @@ def load_model(checkpoint_path: Path, device: str = "cpu", dtype: Optional[torch
         if isinstance(module, (Int4Linear, Int8Linear)):
             read = [file_pages(getattr(module, name), file_storages) for name in ("codes", "scales_and_zeros")
                     if hasattr(module, name)]
-            module.pack()
+            # a large head's codes handed back as they are laid out, not beside the whole packed copy
+            module.pack(lambda rows: release_pages(file_pages(rows, file_storages)))
             for pages in read:
                 release_pages(pages)
     return model

@@ -316,6 +316,19 @@ def test_int8_and_int4_read_nothing_past_their_weights():
     assert proc.returncode == 0 and "read nothing past the weights" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
 
 
+def test_packing_hands_over_each_run_of_rows_once_laid_out():
+    """pack_int8 and pack_int4 call done with consecutive runs of the codes' rows, views into them,
+    that together are all of them: load_model hands their pages of the file back as it goes."""
+    rows = cpu_kernels.TILE * cpu_kernels.PACK_TILES + 5
+    codes8, _ = quantize.quantize_int8(torch.randn(rows, 64))
+    codes4, sz = quantize.quantize_int4(torch.randn(rows, 64), 32)
+    for codes, pack in ((codes8, lambda done: cpu_kernels.pack_int8(codes8, done)),
+                        (codes4, lambda done: cpu_kernels.pack_int4(codes4, sz, 32, done))):
+        runs = []
+        pack(runs.append)
+        assert len(runs) == 2 and runs[0].data_ptr() == codes.data_ptr() and torch.equal(torch.cat(runs), codes)
+
+
 def test_int8_and_int4_refuse_weights_not_packed_for_them():
     """Codes as the file holds them, a packing for another group size or K and a packed view
     without its storage's padding: each a clear error, never a read past the tensor."""

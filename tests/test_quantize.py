@@ -572,8 +572,9 @@ def test_load_model_reads_safely_picks_the_dtype_and_shards_on_meta(quantized, c
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads the resident set of a mapping (Linux)")
 def test_pages_of_the_mapped_file_are_handed_back_and_no_other_memory(tmp_path):
-    """A tensor of a memory-mapped checkpoint, once read, holds its pages resident; handed back, they
-    leave the resident set and a later read takes them from the file again, unchanged. A copy out
+    """A tensor of a memory-mapped checkpoint, once read, holds its pages resident; handed back (a
+    run of its rows first, then the whole), they leave the resident set and a later read takes them
+    from the file again, unchanged. A copy out
     of the file (or one torch.load did not map) has no pages of it to hand back."""
     import re
     path = tmp_path / "model.pth"
@@ -589,6 +590,10 @@ def test_pages_of_the_mapped_file_are_handed_back_and_no_other_memory(tmp_path):
     expected = codes.clone()
     assert resident_kb() >= 1024
     assert file_pages(expected, storages) == range(0) and file_pages(torch.ones(8), storages) == range(0)
+    first_half = file_pages(codes[:2**19], storages)  # a run of rows: its own pages only
+    assert first_half.start == file_pages(codes, storages).start and first_half.stop <= codes.data_ptr() + 2**19
+    release_pages(first_half)
+    assert 480 <= resident_kb() <= 560
     release_pages(file_pages(codes, storages))
     assert resident_kb() <= 16  # the pages the storage shares with the file's other bytes, at most
     assert torch.equal(codes, expected)
