@@ -164,7 +164,8 @@ def pack_int8(codes: Tensor, done: Optional[Callable[[Tensor], None]] = None) ->
     return data.view(-1)[:n * blocks * BLOCK].view(n, blocks * BLOCK)
 
 
-def pack_int4(codes: Tensor, scales_and_zeros: Tensor, group: int, done: Optional[Callable[[Tensor], None]] = None) -> Tensor:
+def pack_int4(codes: Tensor, scales_and_zeros: Tensor, group: int,
+              done: Optional[Callable[[Tensor], None]] = None) -> Tensor:
     """int4 codes (N, K / 2), two a byte (high nibble first), and scales_and_zeros (K / group, N, 2)
     of (scale, zero) with W = (code - 8) * scale + zero, as quantize.py writes them, in the kernel's
     layout: per tile of 16 channels and block of 128 columns, the codes of the block's 4 spans of 32

@@ -368,7 +368,8 @@ class Int4Linear(nn.Module):
         padded to a multiple of 16 on CPU, 8 on CUDA."""
         codes, on_cpu = self.codes, self.codes.device.type == "cpu"
         if on_cpu and cpu_kernels.ready():
-            self.register_buffer("packed", cpu_kernels.pack_int4(codes, self.scales_and_zeros, self.groupsize, done))
+            packed = cpu_kernels.pack_int4(codes, self.scales_and_zeros, self.groupsize, done)
+            self.register_buffer("packed", packed)
             del self.codes, self.scales_and_zeros
             self.own_kernel = True
             return
