@@ -129,20 +129,23 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     TORCH_CHECK(isa >= 1 && isa <= supported_isa(), "instruction set ", isa, " is not available on this CPU");
     const int64_t K = x.size(1), N = weight.size(0);
     const auto kind = weight.scalar_type();
-    const int64_t tiles = (N + TILE_CHANNELS - 1) / TILE_CHANNELS;
-    const int64_t stored = int64_t(weight.storage().nbytes()) - weight.storage_offset();
-    if (kind == at::kByte && scales) {
-        // pack_int8's layout: N x (K rounded up to whole blocks) in name, the storage holds whole tiles
-        const int64_t per_channel = (K + BLOCK - 1) / BLOCK * BLOCK;
-        TORCH_CHECK(weight.size(1) == per_channel && group == 0, "int8: not packed by pack_int8 for this K");
-        TORCH_CHECK(stored >= tiles * TILE_CHANNELS * per_channel, "int8: the packed storage is short");
-        TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->numel() == N, "int8: scales (N,) float32");
-    } else if (kind == at::kByte) {
-        // pack_int4's layout: N x (bytes per channel) in name, the storage holds whole tiles
-        const int64_t blocks = (K + BLOCK - 1) / BLOCK, per_channel = blocks * (BLOCK / 2 + 4 * std::max<int64_t>(1, BLOCK / group));
-        TORCH_CHECK(group >= 32 && group <= 256 && (group & (group - 1)) == 0 && K % group == 0 &&
-                    weight.size(1) == per_channel && !scales, "int4: not packed by pack_int4 for this group and K");
-        TORCH_CHECK(stored >= tiles * TILE_CHANNELS * per_channel, "int4: the packed storage is short");
+    if (kind == at::kByte) {
+        // pack_int8's and pack_int4's layouts: N x (bytes per channel) in name, the storage holds whole tiles
+        const int64_t blocks = (K + BLOCK - 1) / BLOCK;
+        const int64_t stored = int64_t(weight.storage().nbytes()) - weight.storage_offset();
+        const int64_t tile_channels = (N + TILE_CHANNELS - 1) / TILE_CHANNELS * TILE_CHANNELS;
+        if (scales) {
+            const int64_t per_channel = blocks * BLOCK;
+            TORCH_CHECK(weight.size(1) == per_channel && group == 0, "int8: not packed by pack_int8 for this K");
+            TORCH_CHECK(stored >= tile_channels * per_channel, "int8: the packed storage is short");
+            TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->numel() == N, "int8: scales (N,) float32");
+        } else {
+            TORCH_CHECK(group >= 32 && group <= 256 && (group & (group - 1)) == 0 && K % group == 0,
+                        "int4: not packed by pack_int4 for this group and K");
+            const int64_t per_channel = blocks * (BLOCK / 2 + 4 * std::max<int64_t>(1, BLOCK / group));
+            TORCH_CHECK(weight.size(1) == per_channel, "int4: not packed by pack_int4 for this group and K");
+            TORCH_CHECK(stored >= tile_channels * per_channel, "int4: the packed storage is short");
+        }
     } else {
         TORCH_CHECK(kind != at::kChar, "int8: codes as the file holds them, not packed by pack_int8");
         TORCH_CHECK(kind == at::kFloat || kind == at::kBFloat16, "weight dtype");
