@@ -31,9 +31,9 @@ arithmetic, not memory. On a CPU with AMX tiles its bfloat16 products go to PyTo
 tiles: a 2-core Xeon ran a 118-token prompt through a 16-layer 1B model in 0.5 s instead of 1.55;
 without AMX, on a 2-core AMD EPYC with AVX-512's bfloat16 dot products, oneDNN ran a 134-token
 prompt through 4 such layers no faster than these kernels), in chunks of PROMPT_ROWS rows, the last
-padded: oneDNN's sums for a row depend on how many rows come with it, but not, at one
-shape, on which rows those are or where the row sits, so a prompt gets the same cache entries alone
-or prefilled beside others.
+padded: oneDNN's sums for a row depend on how many rows come with it, but not, at one shape, on
+which rows those are or where the row sits, so a prompt gets the same cache entries alone or
+prefilled beside others.
 """
 import logging
 import sys
@@ -107,9 +107,9 @@ def ready() -> bool:
 
 def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: int = 0) -> Tensor:
     """x (..., K) in any float dtype against weight (N, K) float32 / bfloat16, int8 codes packed by
-    pack_int8 with scales (N,) float32, or int4 weights packed by pack_int4 (no scales); bfloat16 meets x rounded to bfloat16, int8 and
-    int4 x rounded to 8 bits per block of 32 columns. Returns (..., N) in x's dtype. The sums are
-    float32."""
+    pack_int8 with scales (N,) float32, or int4 weights packed by pack_int4 (no scales); bfloat16
+    meets x rounded to bfloat16, int8 and int4 x rounded to 8 bits per block of 32 columns. Returns
+    (..., N) in x's dtype. The sums are float32."""
     if in_prompt and onednn_bfloat16 and weight.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
         return prompt_linear(x, weight)
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()

@@ -74,8 +74,9 @@ def test_each_kernel_equals_a_float64_product_of_its_weights(isa, kind):
     """Output channels a multiple of the tiles (64: 4 channels, 16 for int8 and int4) and not (37);
     input columns a multiple of the vector (512) and, but for int4 (whole groups), not (100: a scalar
     tail for the float kinds, a span of 32 only partly in K for int8); for int8 and int4, columns
-    that end in part of a block of 128 (352: 3 of its 4 spans of 32; 320: 2, for groups of 64); every row count of ROWS, which are and are not multiples of the row tiles (4
-    rows on AVX-512, 2 on AVX2; AMX's tiles of 8 and 16 rows, from 5 rows).
+    that end in part of a block of 128 (352: 3 of its 4 spans of 32; 320: 2, for groups of 64);
+    every row count of ROWS, which are and are not multiples of the row tiles (4 rows on AVX-512, 2
+    on AVX2; AMX's tiles of 8 and 16 rows, from 5 rows).
     bfloat16 is held to the product of x rounded to bfloat16, int8 and int4 to that of x rounded to
     8 bits as the kernels round it (rounded_reference), int4 with the float16 scales and zeros it is
     packed with.
@@ -158,7 +159,8 @@ def test_a_prompts_bfloat16_products_give_a_row_the_same_bits_whatever_rows_come
     """On a CPU with AMX a prompt's pass multiplies bfloat16 weights with oneDNN, whose sums for a row
     change with the number of rows (on a Xeon, 1 against 33 rows of a 512 x 2048 weight); in chunks of
     PROMPT_ROWS the rows of 70 computed at once, alone and seven at a time match bit for bit, and the
-    product is the float64 one to bfloat16's rounding. Forced on here whatever the CPU has; outside a prompt's pass the kernel runs (no oneDNN call)."""
+    product is the float64 one to bfloat16's rounding. Forced on here whatever the CPU has; outside
+    a prompt's pass the kernel runs (no oneDNN call)."""
     monkeypatch.setattr(cpu_kernels, "onednn_bfloat16", True)
     calls = []
     original = torch.nn.functional.linear
@@ -309,8 +311,8 @@ print("read nothing past the weights")
 def test_int8_and_int4_read_nothing_past_their_weights():
     """The last block of 128 columns may be partly padding and the last tile of 16 channels partly
     missing channels: int4 K = 352, 320, 192 and N = 37, 5, 3, 6, through 3 and 9 rows; int8 K = 100,
-    352, 256 and N = 37, 5, 6, through 3 rows. With the weights ending
-    where an unreadable page begins, a read past them ends the process (SIGSEGV)."""
+    352, 256 and N = 37, 5, 6, through 3 rows. With the weights ending where an unreadable page
+    begins, a read past them ends the process (SIGSEGV)."""
     proc = subprocess.run([sys.executable, "-c", GUARDED, *ISAS], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0 and "read nothing past the weights" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
