@@ -223,6 +223,20 @@ static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 static inline vec vabs(vec a) { return _mm512_abs_ps(a); }
 static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
 static inline float vmax_all(vec a) { return _mm512_reduce_max_ps(a); }
+// vsum of a[0..3] at once, each sum in vsum's order: its halves, quarters, then pairs of lanes added
+static inline void vsum4(const vec* a, float* out) {
+    const vec ab = _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x44), _mm512_shuffle_f32x4(a[0], a[1], 0xee));
+    const vec cd = _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], 0x44), _mm512_shuffle_f32x4(a[2], a[3], 0xee));
+    vec x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd));  // a quarter each
+    x = _mm512_add_ps(x, _mm512_permute_ps(x, _MM_SHUFFLE(1, 0, 3, 2)));
+    x = _mm512_add_ps(x, _mm512_permute_ps(x, _MM_SHUFFLE(2, 3, 0, 1)));
+    alignas(64) float all[16];
+    _mm512_store_ps(all, x);
+    for (int i = 0; i < 4; i++) out[i] = all[4 * i];
+}
+static inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec vtimes_pow2(vec a, vec n) { return _mm512_scalef_ps(a, n); }  // a * 2^n, n a whole number
+static inline vec vkeep_first(vec a, int n) { return _mm512_maskz_mov_ps(__mmask16((1u << n) - 1), a); }  // lanes >= n: 0
 // LANES values rounded to the nearest integer (ties to even, as std::nearbyint), stored as int8
 static inline void vstore_rounded(int8_t* p, vec a) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a)));
@@ -281,6 +295,24 @@ static inline float vmax_all(vec a) {
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+static inline void vsum4(const vec* a, float* out) {  // as on AVX-512
+    alignas(32) float all[8];
+    for (int i = 0; i < 4; i += 2) {
+        vec x = _mm256_add_ps(_mm256_permute2f128_ps(a[i], a[i + 1], 0x20), _mm256_permute2f128_ps(a[i], a[i + 1], 0x31));
+        x = _mm256_add_ps(x, _mm256_permute_ps(x, _MM_SHUFFLE(1, 0, 3, 2)));
+        x = _mm256_add_ps(x, _mm256_permute_ps(x, _MM_SHUFFLE(2, 3, 0, 1)));
+        _mm256_store_ps(all, x);
+        out[i] = all[0];
+        out[i + 1] = all[4];
+    }
+}
+static inline vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec vtimes_pow2(vec a, vec n) {  // n a whole number in [-126, 127]: 2^n built in the exponent bits
+    return _mm256_mul_ps(a, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)));
+}
+static inline vec vkeep_first(vec a, int n) {  // lanes >= n: 0
+    return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
 }
 static inline void vstore_rounded(int8_t* p, vec a) {  // as on AVX-512 (|a| <= 127: the packs do not saturate)
     const __m256i i = _mm256_cvtps_epi32(a);
@@ -803,49 +835,141 @@ static void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
     }
 }
 
-// Attention for decoding, one query at a time: its scores over its row's cache entries 0..position
-// (only the filled part is read), a softmax and the sum of the values, each in one fixed order. What
+// Attention for decoding: each query's scores over its row's cache entries 0..position (only the
+// filled part is read), a softmax and the sum of the values, each in one fixed order. What
 // a query gets does not depend on how many queries, rows or cache entries come with it, so a verify
 // pass over k + 1 positions, a batch and a longer cache give it what a lone query gets (PyTorch's
 // attention blocks its sums by all three).
 static inline vec load_as_float(const float* p) { return vload(p); }
 static inline vec load_as_float(const c10::BFloat16* p) { return vload_bf16(reinterpret_cast<const uint16_t*>(p)); }
 
+// exp(x) for x <= 0, each lane on its own (Cephes' expf: within 2 ulp; below -87, exp(-87) ~ 1.6e-38
+// instead of smaller): 2^n * e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r from a polynomial.
+static inline vec vexp(vec x) {
+    x = vmax(x, vset1(-87.f));
+    const vec n = vround(vmul(x, vset1(1.44269504f)));
+    vec r = vfma(n, vset1(-0.693359375f), x);  // ln 2 in two parts: the first exact in float
+    r = vfma(n, vset1(2.12194440e-4f), r);
+    vec p = vset1(1.9875691500e-4f);
+    for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+        p = vfma(p, r, vset1(c));
+    return vtimes_pow2(vfma(vmul(p, r), r, vadd(r, vset1(1.f))), n);
+}
+
+constexpr int GROUP = 4;  // queries of one key head and position attended to at once (attend)
+
+// Scores of keys [j, j + KEYS): KEYS x G chains of multiply-adds over the columns (one chain at a time
+// left the core waiting on each), summed across lanes four at a time (vsum4: each sum as vsum has it),
+// then the tail.
+template <int G, int KEYS, class T>
+static inline void scores(const float* query, const T* keys, int64_t D, int64_t S, int64_t j, float scale, float* weights) {
+    static_assert(G * KEYS <= 4, "four chains at most");
+    const int64_t full = D - D % LANES;
+    vec acc[4] = {vzero(), vzero(), vzero(), vzero()};  // acc[u * G + g]: key j + u, query g
+    for (int64_t d = 0; d < full; d += LANES)
+#pragma GCC unroll 4
+        for (int u = 0; u < KEYS; u++) {
+            const vec key = load_as_float(keys + (j + u) * D + d);
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++) acc[u * G + g] = vfma(vload(query + g * D + d), key, acc[u * G + g]);
+        }
+    float sums[4];
+    vsum4(acc, sums);
+    for (int u = 0; u < KEYS; u++)
+        for (int g = 0; g < G; g++) {
+            float s = sums[u * G + g];
+            for (int64_t d = full; d < D; d++) s = std::fma(query[g * D + d], float(keys[(j + u) * D + d]), s);
+            weights[g * S + j + u] = s * scale;
+        }
+}
+
+// Columns [d0, d0 + C * LANES) of each query's weighted sum of the values, kept in registers over the keys.
+template <int G, int C, class T>
+static inline void weighted_values(const float* weights, const T* values, int64_t D, int64_t S, int64_t last, int64_t d0,
+                                   float* sums) {
+    vec acc[G][C];
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < C; c++) acc[g][c] = vzero();
+    for (int64_t j = 0; j <= last; j++) {
+        vec w[G];
+        for (int g = 0; g < G; g++) w[g] = vset1(weights[g * S + j]);
+        for (int c = 0; c < C; c++) {
+            const vec value = load_as_float(values + j * D + d0 + c * LANES);
+            for (int g = 0; g < G; g++) acc[g][c] = vfma(w[g], value, acc[g][c]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < C; c++) vstore(sums + g * D + d0 + c * LANES, acc[g][c]);
+}
+
+// G queries that share a key head and a position (grouped-query attention's group, up to GROUP at a
+// time) against keys and values 0..last: each key and value is read once for all of them, and each
+// query's sums run in the order they would alone. Scores go to weights[g * S + j] (S: L rounded up to
+// whole vectors), the sums of the values weighted by the softmax's numerators to sums[g * D + d], their
+// totals to totals[g].
+template <int G, class T>
+static void attend(const float* query, const T* keys, const T* values, int64_t D, int64_t S, int64_t last,
+                   float* weights, float* sums, float* totals) {
+    constexpr int KEYS = G == 1 ? 4 : G == 2 ? 2 : 1;  // chains enough to keep the core busy
+    const float scale = 1.f / std::sqrt(float(D));
+    int64_t j = 0;
+    for (; j + KEYS <= last + 1; j += KEYS) scores<G, KEYS>(query, keys, D, S, j, scale, weights);
+    for (; j <= last; j++) scores<G, 1>(query, keys, D, S, j, scale, weights);
+    // The softmax's numerators LANES at a time (past `last`: computed, not summed), each query's total
+    // summed lane by lane, then across the lanes
+    for (int g = 0; g < G; g++) {
+        float* w = weights + g * S;
+        std::fill(w + last + 1, w + (last + LANES) / LANES * LANES, -INFINITY);
+        vec highest = vset1(-INFINITY);
+        for (j = 0; j <= last; j += LANES) highest = vmax(highest, vload(w + j));
+        const float most = vmax_all(highest);
+        vec total = vzero();
+        for (j = 0; j <= last; j += LANES) {
+            const vec e = vexp(vadd(vload(w + j), vset1(-most)));
+            vstore(w + j, e);
+            total = vadd(total, j + LANES <= last + 1 ? e : vkeep_first(e, int(last + 1 - j)));
+        }
+        totals[g] = vsum(total);
+    }
+    constexpr int C = LANES == 16 ? 4 : 2;  // vectors of columns a pass over the values keeps per query
+    const int64_t full = D - D % LANES;
+    int64_t d = 0;
+    for (; d + C * LANES <= full; d += C * LANES) weighted_values<G, C>(weights, values, D, S, last, d, sums);
+    for (; d < full; d += LANES) weighted_values<G, 1>(weights, values, D, S, last, d, sums);
+    for (; d < D; d++)
+        for (int g = 0; g < G; g++) {
+            float s = 0.f;
+            for (j = 0; j <= last; j++) s = std::fma(weights[g * S + j], float(values[j * D + d]), s);
+            sums[g * D + d] = s;
+        }
+}
+
 template <class T>
 static void attention(const T* q, const T* k, const T* v, const int64_t* input_pos, T* out,
                       int64_t B, int64_t H, int64_t Q, int64_t D, int64_t KVH, int64_t L) {
-    const float scale = 1.f / std::sqrt(float(D));
-    const int64_t full = D - D % LANES;
-    at::parallel_for(0, B * H * Q, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> weights(L), sums(D);
-        for (int64_t i = begin; i < end; i++) {  // i = (b * H + h) * Q + t
-            const int64_t b = i / (H * Q), h = i / Q % H;
-            const int64_t last = std::min(input_pos[b * Q + i % Q], L - 1);
-            const T* qi = q + i * D;
-            const T* keys = k + (b * KVH + h / (H / KVH)) * L * D;
-            const T* values = v + (b * KVH + h / (H / KVH)) * L * D;
-            float most = -INFINITY;
-            for (int64_t j = 0; j <= last; j++) {
-                vec acc = vzero();
-                for (int64_t d = 0; d < full; d += LANES) acc = vfma(load_as_float(qi + d), load_as_float(keys + j * D + d), acc);
-                float score = vsum(acc);
-                for (int64_t d = full; d < D; d++) score = std::fma(float(qi[d]), float(keys[j * D + d]), score);
-                weights[j] = score * scale;
-                most = std::max(most, weights[j]);
+    const int64_t per_key_head = H / KVH, groups = (per_key_head + GROUP - 1) / GROUP, S = (L + LANES - 1) / LANES * LANES;
+    // one task: a row, a key head, a position and up to GROUP of the key head's queries there
+    at::parallel_for(0, B * KVH * Q * groups, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> query(GROUP * D), weights(GROUP * S), sums(GROUP * D), totals(GROUP);
+        for (int64_t task = begin; task < end; task++) {
+            const int64_t g0 = task % groups * GROUP, t = task / groups % Q, kvh = task / (groups * Q) % KVH;
+            const int64_t b = task / (groups * Q * KVH);
+            const int n = int(std::min<int64_t>(GROUP, per_key_head - g0));
+            const int64_t last = std::min(input_pos[b * Q + t], L - 1);
+            const T* keys = k + (b * KVH + kvh) * L * D;
+            const T* values = v + (b * KVH + kvh) * L * D;
+            auto at = [&](int g) { return ((b * H + kvh * per_key_head + g0 + g) * Q + t) * D; };  // query g's row of q and out
+            for (int g = 0; g < n; g++)
+                for (int64_t d = 0; d < D; d++) query[g * D + d] = float(q[at(g) + d]);
+            float* w = weights.data();
+            switch (n) {
+                case 4: attend<4>(query.data(), keys, values, D, S, last, w, sums.data(), totals.data()); break;
+                case 3: attend<3>(query.data(), keys, values, D, S, last, w, sums.data(), totals.data()); break;
+                case 2: attend<2>(query.data(), keys, values, D, S, last, w, sums.data(), totals.data()); break;
+                default: attend<1>(query.data(), keys, values, D, S, last, w, sums.data(), totals.data()); break;
             }
-            float total = 0.f;
-            for (int64_t j = 0; j <= last; j++) {
-                weights[j] = std::exp(weights[j] - most);
-                total += weights[j];
-            }
-            std::fill(sums.begin(), sums.end(), 0.f);
-            for (int64_t j = 0; j <= last; j++) {
-                const vec w = vset1(weights[j]);
-                for (int64_t d = 0; d < full; d += LANES)
-                    vstore(sums.data() + d, vfma(w, load_as_float(values + j * D + d), vload(sums.data() + d)));
-                for (int64_t d = full; d < D; d++) sums[d] = std::fma(weights[j], float(values[j * D + d]), sums[d]);
-            }
-            for (int64_t d = 0; d < D; d++) out[i * D + d] = T(sums[d] / total);
+            for (int g = 0; g < n; g++)
+                for (int64_t d = 0; d < D; d++) out[at(g) + d] = T(sums[g * D + d] / totals[g]);
         }
     });
 }
