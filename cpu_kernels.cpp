@@ -133,18 +133,18 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
         // pack_int8's and pack_int4's layouts: N x (bytes per channel) in name, the storage holds whole tiles
         const int64_t blocks = (K + BLOCK - 1) / BLOCK;
         const int64_t stored = int64_t(weight.storage().nbytes()) - weight.storage_offset();
-        const int64_t tile_channels = (N + TILE_CHANNELS - 1) / TILE_CHANNELS * TILE_CHANNELS;
+        const int64_t stored_channels = (N + TILE_CHANNELS - 1) / TILE_CHANNELS * TILE_CHANNELS;  // whole tiles
         if (scales) {
             const int64_t per_channel = blocks * BLOCK;
             TORCH_CHECK(weight.size(1) == per_channel && group == 0, "int8: not packed by pack_int8 for this K");
-            TORCH_CHECK(stored >= tile_channels * per_channel, "int8: the packed storage is short");
+            TORCH_CHECK(stored >= stored_channels * per_channel, "int8: the packed storage is short");
             TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->numel() == N, "int8: scales (N,) float32");
         } else {
             TORCH_CHECK(group >= 32 && group <= 256 && (group & (group - 1)) == 0 && K % group == 0,
                         "int4: not packed by pack_int4 for this group and K");
             const int64_t per_channel = blocks * (BLOCK / 2 + 4 * std::max<int64_t>(1, BLOCK / group));
             TORCH_CHECK(weight.size(1) == per_channel, "int4: not packed by pack_int4 for this group and K");
-            TORCH_CHECK(stored >= tile_channels * per_channel, "int4: the packed storage is short");
+            TORCH_CHECK(stored >= stored_channels * per_channel, "int4: the packed storage is short");
         }
     } else {
         TORCH_CHECK(kind != at::kChar, "int8: codes as the file holds them, not packed by pack_int8");
@@ -915,7 +915,7 @@ static inline void weighted_values(const float* weights, const T* values, int64_
 template <int G, class T>
 static void attend(const float* query, const T* keys, const T* values, int64_t D, int64_t S, int64_t last,
                    float* weights, float* sums, float* totals) {
-    constexpr int KEYS = G == 1 ? 4 : G == 2 ? 2 : 1;  // chains enough to keep the core busy
+    constexpr int KEYS = 4 / G;  // keys scored at once: four chains in all keep the core busy
     const float scale = 1.f / std::sqrt(float(D));
     int64_t j = 0;
     for (; j + KEYS <= last + 1; j += KEYS) scores<G, KEYS>(query, keys, D, S, j, scale, weights);
