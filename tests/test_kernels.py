@@ -238,24 +238,28 @@ def test_a_quantized_models_float_layers_take_one_row_through_the_kernel_when_co
     assert not kept_rows(model.output, torch.arange(8)).fused_one_row
 
 
-def attention_case(dtype: torch.dtype, batch: int = 3, queries: int = 7, length: int = 40, head_dim: int = 24):
+def attention_case(dtype: torch.dtype, heads: int = 4, key_heads: int = 2, batch: int = 3, queries: int = 7,
+                   length: int = 40, head_dim: int = 24):
     """Random queries at the last `queries` positions of each row's filled part (rows filled to
-    different lengths), GQA with 2 queries per key head, caches of `length` with garbage past each
-    row's filled part, which a query must not see."""
+    different lengths), `heads` queries over `key_heads` key heads, caches of `length` with garbage
+    past each row's filled part, which a query must not see."""
     torch.manual_seed(3)
-    q = torch.randn(batch, 4, queries, head_dim).to(dtype)
-    k, v = (torch.randn(batch, 2, length, head_dim).to(dtype) for _ in range(2))
+    q = torch.randn(batch, heads, queries, head_dim).to(dtype)
+    k, v = (torch.randn(batch, key_heads, length, head_dim).to(dtype) for _ in range(2))
     filled = torch.tensor([20, 33, 9])[:batch]
     input_pos = filled[:, None] - queries + torch.arange(queries)
     return q, k, v, input_pos.clamp(min=0)
 
 
+@pytest.mark.parametrize("heads, key_heads", [(4, 2), (3, 3), (8, 2), (10, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_equals_pytorchs_and_gives_each_query_the_same_bits_whatever_comes_with_it(isa, dtype):
+def test_attention_equals_pytorchs_and_gives_each_query_the_same_bits_whatever_comes_with_it(isa, dtype, heads,
+                                                                                              key_heads):
     """Against SDPA with the causal cache mask (head_dim 24: vector lanes and a scalar tail on both
-    instruction sets); then each query alone, its row alone, the cache cut to the row's filled part
-    and grown by garbage give it the very same bits."""
-    q, k, v, input_pos = attention_case(dtype)
+    instruction sets), with 2, 1 (multi-head), 4 and 5 (a group of 4, then 1) queries per key head,
+    the kernel's groups of queries read together; then each query alone, its row alone, the cache
+    cut to the row's filled part and grown by garbage give it the very same bits."""
+    q, k, v, input_pos = attention_case(dtype, heads, key_heads)
     got = cpu_kernels.attention(q, k, v, input_pos)
     mask = (torch.arange(k.shape[2]) <= input_pos[..., None])[:, None]
     expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
