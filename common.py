@@ -196,7 +196,9 @@ def row_uniform(seed: Tensor, position: Tensor, purpose: int, n: Optional[int] =
     key = _mix32(key ^ _mix32(position * 4 + purpose))
     if n is not None:
         key = _mix32(key[..., None] ^ _mix32(torch.arange(n, device=position.device) + 0x9E3779B))
-    return ((key >> 8).float() + 0.5) * 2.0 ** -24  # 24 random bits: exact in float32, never 0 or 1
+    # 23 random bits and a half: exact in float32 (24 significant bits), so never 0 or 1. With 24 bits the
+    # largest rounded up to 1: an exponential of 0 in sample_from_probs, 0 / 0 there, a token of probability 0.
+    return ((key >> 9).float() + 0.5) * 2.0 ** -23
 
 
 def sample_from_probs(probs: Tensor, seed: Optional[Tensor] = None, position: Optional[Tensor] = None,

@@ -431,6 +431,19 @@ def test_sample_from_probs_draws_from_probs_along_the_last_dim():
     assert sample_from_probs(one_hot).tolist() == [3, 0, 2]
 
 
+def test_seeded_draws_lie_inside_0_1_and_a_one_hot_row_draws_its_token():
+    """A seeded draw of 1 would make the race's exponential 0 and 0 / 0 a token of probability 0:
+    a greedy row of the server (one-hot) would take a random token. These seeds' draws at position 7
+    hold the hash's largest values (the first assert), where 24 bits + 0.5 rounded up to 1."""
+    from common import TOKEN, row_uniform, sample_from_probs
+    seeds, position = torch.tensor([31977, 117834, 130082]), torch.full((3,), 7)
+    draws = row_uniform(seeds, position, TOKEN, 256)
+    assert draws.max() == 1 - 2 ** -24
+    assert (draws > 0).all() and (draws < 1).all()
+    one_hot = torch.nn.functional.one_hot(torch.tensor([3, 200, 0]), 256).float()
+    assert sample_from_probs(one_hot, seeds, position).tolist() == [3, 200, 0]
+
+
 def test_an_autoregressive_step_marks_no_token_as_a_draft():
     """decode_one_token returns what a step returns with no drafts: accepted 0 for every row, and
     the loop streams its tokens as the full model's (from_draft False). With early exit, the
