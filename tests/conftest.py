@@ -41,10 +41,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "real_model: needs a real model file (SMOLLM2_GGUF); skipped without it")
 
 
-def hf_config(style: str, vocab_size: int):
+def hf_config(style: str, vocab_size: int, context: int = 128):
     from transformers import LlamaConfig
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=N_LAYER,
-                  max_position_embeddings=128, rms_norm_eps=1e-5,
+                  max_position_embeddings=context, rms_norm_eps=1e-5,
                   initializer_range=0.3)  # large weights: varied greedy text, few near-ties
     if style == "json":
         return LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
@@ -58,8 +58,8 @@ def hf_config(style: str, vocab_size: int):
                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
 
 
-def make_hf_checkpoint(folder: Path, style: str, fmt: str):
-    """Writes an HF checkpoint folder; returns the HF model (float32, eval)."""
+def make_hf_checkpoint(folder: Path, style: str, fmt: str, context: int = 128):
+    """Writes an HF checkpoint folder of a model with `context` positions; returns the HF model (float32, eval)."""
     from transformers import LlamaForCausalLM
     from tokenizer import load_tokenizer
     folder.mkdir(parents=True)
@@ -73,7 +73,7 @@ def make_hf_checkpoint(folder: Path, style: str, fmt: str):
         (folder / "original").mkdir()
         tokenizer_path = make_tiktoken_model(folder / "original" / "tokenizer.model")
     torch.manual_seed({"llama2": 0, "llama32": 1, "json": 2}[style])
-    hf = LlamaForCausalLM(hf_config(style, load_tokenizer(tokenizer_path).vocab_size)).eval()
+    hf = LlamaForCausalLM(hf_config(style, load_tokenizer(tokenizer_path).vocab_size, context)).eval()
     if fmt == "safetensors":
         hf.save_pretrained(folder, max_shard_size="100KB" if style == "llama32" else "1GB")
     else:
@@ -86,17 +86,17 @@ def make_hf_checkpoint(folder: Path, style: str, fmt: str):
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
-    """(style, fmt) -> (path of the converted model.pth, HF model), made on first use."""
+    """(style, fmt, context) -> (path of the converted model.pth, HF model), made on first use."""
     from convert_hf_checkpoint import convert
     made = {}
 
-    def get(style: str, fmt: str = "safetensors"):
-        if (style, fmt) not in made:
-            folder = tmp_path_factory.mktemp("ckpt") / f"{style}-{fmt}"
-            hf = make_hf_checkpoint(folder, style, fmt)
+    def get(style: str, fmt: str = "safetensors", context: int = 128):
+        if (style, fmt, context) not in made:
+            folder = tmp_path_factory.mktemp("ckpt") / f"{style}-{fmt}-{context}"
+            hf = make_hf_checkpoint(folder, style, fmt, context)
             convert(folder)
-            made[style, fmt] = (folder / "model.pth", hf)
-        return made[style, fmt]
+            made[style, fmt, context] = (folder / "model.pth", hf)
+        return made[style, fmt, context]
 
     return get
 
