@@ -143,8 +143,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
             TORCH_CHECK(group >= 32 && group <= 256 && (group & (group - 1)) == 0 && K % group == 0,
                         "int4: not packed by pack_int4 for this group and K");
             const int64_t per_channel = blocks * (BLOCK / 2 + 4 * std::max<int64_t>(1, BLOCK / group));
-            TORCH_CHECK(weight.size(1) == per_channel, "int4: not packed by pack_int4 for this group and K");
-            TORCH_CHECK(stored >= stored_channels * per_channel, "int4: the packed storage is short");
+            const int64_t symmetric = blocks * (BLOCK / 2 + 2 * std::max<int64_t>(1, BLOCK / group));  // scales only
+            TORCH_CHECK(weight.size(1) == per_channel || weight.size(1) == symmetric,
+                        "int4: not packed by pack_int4 for this group and K");
+            TORCH_CHECK(stored >= stored_channels * weight.size(1), "int4: the packed storage is short");
         }
     } else {
         TORCH_CHECK(kind != at::kChar, "int8: codes as the file holds them, not packed by pack_int8");
@@ -560,7 +562,8 @@ static void quantize_activations(const float* x, int64_t M, int64_t K, int64_t w
 // int4: the weights are packed at load (cpu_kernels.pack_int4) so that a thread reads one stream of
 // memory: per tile of TILE_CHANNELS = 16 channels and per block of BLOCK columns, the codes of the
 // block's spans of SPAN = 32 columns (256 bytes each), then the tile's (scale, shifted zero) pairs
-// in float16 (16 scales, then 16 zeros) for each of the block's max(1, BLOCK / group) groups.
+// in float16 (16 scales, then 16 zeros) for each of the block's max(1, BLOCK / group) groups - or,
+// for symmetric codes (every zero 0), the 16 scales alone: the packed width tells which.
 // Reading tiles of separate rows of codes and scales (8 streams a core) ran at half the rate of one
 // stream here.
 //
@@ -570,14 +573,16 @@ static void quantize_activations(const float* x, int64_t M, int64_t K, int64_t w
 // operand of AMX's tile product. So a lane sums one channel over a span exactly, in integers, and the
 // activations, quantized per span (one d and one sum of x each), are read in place. Each (row,
 // channel) adds d * scale * sum(code * q) + shifted zero * sum(x) once per span, in the order of the
-// spans, whichever path computes the integer sums.
+// spans, whichever path computes the integer sums; with symmetric codes, W = (code - 8) * scale,
+// d * scale * (sum(code * q) - 8 * sum(q)), the 8 taken off in integers (sum(q): one per span of x).
 constexpr int64_t SPAN = 32, SPAN_BYTES = TILE_CHANNELS * SPAN / 2;
 constexpr int SPANS = BLOCK / SPAN, TILE_VECS = TILE_CHANNELS / LANES;
 
 struct Int4Product {
     const uint8_t* w; int64_t blocks, block_bytes, spans;  // spans: K / SPAN
     int pair[SPANS];  // span s of a block: its group's pair among the block's
-    const int8_t* q; const float* d; const float* xsum;  // the activations: q (M, K), d and xsum (M, spans)
+    const int8_t* q; const float* d;  // the activations: q (M, K), d (M, spans)
+    const float* xsum; const int32_t* qsum;  // (M, spans): sums of x (asymmetric), of q (symmetric codes)
 };
 
 // One span of one tile: its 8 rows of codes for channels [h * LANES, (h + 1) * LANES) of the tile.
@@ -590,30 +595,41 @@ static inline void span_codes(const uint8_t* span, int h, ivec* w) {
 }
 
 // A row's sums of LANES channels after the span `at` = row * spans + span, whose integer sums are
-// `dot`, with those channels' scale and shifted zero of the span's group.
+// `dot`, with those channels' scale and shifted zero of the span's group (SYMMETRIC: no zero).
+template <bool SYMMETRIC>
 static inline vec add_span(vec sum, ivec dot, const Int4Product& p, int64_t at, vec scale, vec zero) {
+    if (SYMMETRIC) return vfma(vmul(vcvt(minus(dot, 8 * p.qsum[at])), vset1(p.d[at])), scale, sum);
     return vfma(vmul(vcvt(dot), vset1(p.d[at])), scale, vfma(zero, vset1(p.xsum[at]), sum));
+}
+
+// The scales of a span's group for channels h * LANES onwards, and their shifted zeros (0 if SYMMETRIC).
+template <bool SYMMETRIC>
+static inline void group_pair(const uint8_t* block, int pair, int h, vec& scale, vec& zero) {
+    const uint16_t* halves = reinterpret_cast<const uint16_t*>(block + SPANS * SPAN_BYTES) +
+                             pair * (SYMMETRIC ? 1 : 2) * TILE_CHANNELS + h * LANES;
+    scale = vload_halves(halves);
+    zero = SYMMETRIC ? vzero() : vload_halves(halves + TILE_CHANNELS);
 }
 
 // Tile t (channels from t * TILE_CHANNELS) against rows [m0, m0 + rows): each span's codes are
 // unpacked once for all the rows. A tile's channels past N are zeros; their sums are not written.
+template <bool SYMMETRIC>
 static inline void int4_tile(const Int4Product& p, int64_t t, int64_t m0, int64_t rows, vec (*sums)[TILE_VECS]) {
     const uint8_t* block = p.w + t * p.blocks * p.block_bytes;
     for (int64_t b = 0; b < p.blocks; b++, block += p.block_bytes) {
         // Into L2, not L1: on a 2-core Xeon (AVX-512 VNNI) 17 -> 20-21 GB/s from memory at M = 1 on two
         // threads, 9 -> 10.5 on one
         prefetch<_MM_HINT_T1>(block + PREFETCH, p.block_bytes);
-        const uint16_t* pairs = reinterpret_cast<const uint16_t*>(block + SPANS * SPAN_BYTES);
         const int spans = int(std::min<int64_t>(SPANS, p.spans - b * SPANS));
         for (int s = 0; s < spans; s++)
             for (int h = 0; h < TILE_VECS; h++) {
                 ivec w[8];
                 span_codes(block + s * SPAN_BYTES, h, w);
-                const uint16_t* pair = pairs + p.pair[s] * 2 * TILE_CHANNELS + h * LANES;
-                const vec scale = vload_halves(pair), zero = vload_halves(pair + TILE_CHANNELS);
+                vec scale, zero;
+                group_pair<SYMMETRIC>(block, p.pair[s], h, scale, zero);
                 for (int64_t r = 0; r < rows; r++) {
                     const int64_t at = (m0 + r) * p.spans + b * SPANS + s;
-                    sums[r][h] = add_span(sums[r][h], span_dot(w, p.q + at * SPAN), p, at, scale, zero);
+                    sums[r][h] = add_span<SYMMETRIC>(sums[r][h], span_dot(w, p.q + at * SPAN), p, at, scale, zero);
                 }
             }
     }
@@ -650,7 +666,7 @@ struct AmxTiles {
 };
 
 // Rows [m0, m0 + R) of tile t, over all of K; their sums added to sums[0 .. rows).
-template <int R>
+template <int R, bool SYMMETRIC>
 static inline void int4_rows_amx(const Int4Product& p, int64_t t, int64_t m0, int64_t rows, vec (*sums)[TILE_VECS]) {
     alignas(64) uint8_t codes[SPANS][8][64];
     alignas(64) int32_t dots[SPANS][R][16];
@@ -677,23 +693,24 @@ static inline void int4_rows_amx(const Int4Product& p, int64_t t, int64_t m0, in
     }
         SPAN_PRODUCT(0, 4, 6) SPAN_PRODUCT(1, 5, 7) SPAN_PRODUCT(2, 4, 6) SPAN_PRODUCT(3, 5, 7)
 #undef SPAN_PRODUCT
-        const uint16_t* pairs = reinterpret_cast<const uint16_t*>(block + SPANS * SPAN_BYTES);
         for (int s = 0; s < spans; s++) {
-            const uint16_t* pair = pairs + p.pair[s] * 2 * TILE_CHANNELS;
-            const vec scale = vload_halves(pair), zero = vload_halves(pair + TILE_CHANNELS);
+            vec scale, zero;
+            group_pair<SYMMETRIC>(block, p.pair[s], 0, scale, zero);
 #pragma GCC unroll 16
             for (int r = 0; r < R; r++)
-                acc[r] = add_span(acc[r], _mm512_load_si512(dots[s][r]), p, (m0 + r) * p.spans + b * SPANS + s, scale, zero);
+                acc[r] = add_span<SYMMETRIC>(acc[r], _mm512_load_si512(dots[s][r]), p, (m0 + r) * p.spans + b * SPANS + s,
+                                             scale, zero);
         }
     }
     for (int r = 0; r < rows; r++) sums[r][0] = acc[r];
 }
 
+template <bool SYMMETRIC>
 static inline void int4_tile_amx(const Int4Product& p, int64_t t, int64_t m0, int64_t rows, int64_t R, vec (*sums)[TILE_VECS]) {
     for (int64_t r0 = 0; r0 < rows; r0 += R) {
         const int64_t n = std::min(R, rows - r0);
-        if (R == 8) int4_rows_amx<8>(p, t, m0 + r0, n, sums + r0);
-        else int4_rows_amx<16>(p, t, m0 + r0, n, sums + r0);
+        if (R == 8) int4_rows_amx<8, SYMMETRIC>(p, t, m0 + r0, n, sums + r0);
+        else int4_rows_amx<16, SYMMETRIC>(p, t, m0 + r0, n, sums + r0);
     }
 }
 #endif
@@ -702,6 +719,7 @@ static inline void int4_tile_amx(const Int4Product& p, int64_t t, int64_t m0, in
 static void run_int4(const at::Tensor& x, const at::Tensor& weight, int64_t group, at::Tensor& y, bool amx = false) {
     const int64_t M = x.size(0), K = x.size(1), N = y.size(1), blocks = (K + BLOCK - 1) / BLOCK;
     const int64_t pairs = std::max<int64_t>(1, BLOCK / group), spans = K / SPAN;
+    const bool symmetric = weight.size(1) == blocks * (BLOCK / 2 + 2 * pairs);  // scales only (the op checked the width)
 #if VNNI
     amx = amx && M >= AMX_ROWS;
     const int64_t R = amx ? amx_rows(M) : 1;
@@ -716,11 +734,13 @@ static void run_int4(const at::Tensor& x, const at::Tensor& weight, int64_t grou
         q.narrow(0, M * K, (padded - M) * K).zero_();
         d.narrow(1, M * spans, (padded - M) * spans).zero_();
     }
-    Int4Product p{weight.data_ptr<uint8_t>(), blocks, TILE_CHANNELS * (BLOCK / 2 + 4 * pairs), spans, {},
-                  q.data_ptr<int8_t>(), d.data_ptr<float>(), d.data_ptr<float>() + padded * spans};
+    // d's second row: the spans' sums of x, or of q for symmetric codes (int32, as many bytes)
+    float* xsum = symmetric ? nullptr : d.data_ptr<float>() + padded * spans;
+    int32_t* qsum = symmetric ? reinterpret_cast<int32_t*>(d.data_ptr<float>() + padded * spans) : nullptr;
+    Int4Product p{weight.data_ptr<uint8_t>(), blocks, TILE_CHANNELS * weight.size(1) / blocks, spans, {},
+                  q.data_ptr<int8_t>(), d.data_ptr<float>(), xsum, qsum};
     for (int s = 0; s < SPANS; s++) p.pair[s] = group <= BLOCK ? int(s * SPAN / group) : 0;
-    quantize_activations(x.data_ptr<float>(), M, K, K, q.data_ptr<int8_t>(), d.data_ptr<float>(),
-                         d.data_ptr<float>() + padded * spans, nullptr);
+    quantize_activations(x.data_ptr<float>(), M, K, K, q.data_ptr<int8_t>(), d.data_ptr<float>(), xsum, qsum);
     float* yp = y.data_ptr<float>();
     auto finish = [&](int64_t m, int64_t n0, int channels, const vec* sums) {
         if (channels == TILE_CHANNELS) {
@@ -734,14 +754,16 @@ static void run_int4(const at::Tensor& x, const at::Tensor& weight, int64_t grou
 #if VNNI
     if (amx) {
         auto add = [&](int64_t n0, int, int64_t m0, int64_t rows, vec (*sums)[TILE_VECS]) {
-            int4_tile_amx(p, n0 / TILE_CHANNELS, m0, rows, R, sums);
+            if (symmetric) int4_tile_amx<true>(p, n0 / TILE_CHANNELS, m0, rows, R, sums);
+            else int4_tile_amx<false>(p, n0 / TILE_CHANNELS, m0, rows, R, sums);
         };
         over_tiles<TILE_CHANNELS, TILE_VECS, AmxTiles>(M, N, add, finish);
         return;
     }
 #endif
     auto add = [&](int64_t n0, int, int64_t m0, int64_t rows, vec (*sums)[TILE_VECS]) {
-        int4_tile(p, n0 / TILE_CHANNELS, m0, rows, sums);
+        if (symmetric) int4_tile<true>(p, n0 / TILE_CHANNELS, m0, rows, sums);
+        else int4_tile<false>(p, n0 / TILE_CHANNELS, m0, rows, sums);
     };
     over_tiles<TILE_CHANNELS, TILE_VECS>(M, N, add, finish);
 }

@@ -11,8 +11,8 @@ products, multiply pairs of columns in one instruction. int8 and int4 layers rou
 8 bits in blocks of 32 columns (as llama.cpp's Q8_0 does) and multiply with integer dot products, a
 quarter of the float arithmetic. Both are packed at load into one stream per tile of 16 channels,
 laid out as the dot products take them, a lane per channel: int8 codes (pack_int8; the scales
-apart, one per channel), int4 codes with their float16 scales (pack_int4), 5 bits a weight at
-groups of 32.
+apart, one per channel), int4 codes with their float16 scales and zeros (pack_int4), 5 bits a
+weight at groups of 32, 4.5 for symmetric codes (no zeros).
 
 torch.ops.layerskip.attention, for the decoding steps: each query over the filled part of its row's
 cache, in one order whatever queries, rows and cache length come with it. PyTorch's attention
@@ -172,12 +172,15 @@ def pack_int4(codes: Tensor, scales_and_zeros: Tensor, group: int,
     columns (byte 4c + j of a span's row r: channel c's columns 4r + j in the low nibble, 16 + 4r + j
     in the high one), then the tile's scales and shifted zeros (zero - 8 scale) in float16, 16 of each
     for each of the block's max(1, 128 / group) groups, so that a product reads one stream of memory.
-    Returns a uint8 (N, bytes per channel) view of a storage that also holds the last tile's missing
-    channels (zeros). done(rows): as pack_int8's."""
+    Where every zero is 0 (quantize.py's symmetric codes) the scales alone: 4.5 bits a weight at
+    groups of 32, and the kernel knows the layout by its width. Returns a uint8 (N, bytes per channel)
+    view of a storage that also holds the last tile's missing channels (zeros). done(rows): as
+    pack_int8's."""
     n, half = codes.shape
     tiles, blocks, pairs = -(-n // TILE), -(-2 * half // BLOCK), max(1, BLOCK // group)
     spans, code_bytes = BLOCK // SPAN, TILE * BLOCK // 2  # code_bytes: a tile's, a block
-    data = torch.zeros(tiles, blocks, code_bytes + 4 * TILE * pairs, dtype=torch.uint8)
+    halves = 1 if bool((scales_and_zeros[..., 1] == 0).all()) else 2  # float16s a channel and group: scale (, zero)
+    data = torch.zeros(tiles, blocks, code_bytes + 2 * halves * TILE * pairs, dtype=torch.uint8)
     for t0 in range(0, tiles, PACK_TILES):  # a few tiles at a time: small temporaries beside a large head
         t1, c0 = min(tiles, t0 + PACK_TILES), t0 * TILE
         c1 = min(n, t1 * TILE)
@@ -187,17 +190,17 @@ def pack_int4(codes: Tensor, scales_and_zeros: Tensor, group: int,
         nibbles = nibbles.view(t1 - t0, TILE, blocks, spans, 2, 4, 4).permute(0, 2, 3, 5, 1, 6, 4)
         data[t0:t1, :, :code_bytes] = (nibbles[..., 0] | nibbles[..., 1] << 4).reshape(t1 - t0, blocks, -1)
         scale, zero = scales_and_zeros[:, c0:c1].float().unbind(-1)  # (K / group, channels) each
-        table = torch.stack([scale, zero - 8 * scale]).transpose(1, 2)  # (2, channels, K / group)
+        table = torch.stack([scale, zero - 8 * scale][:halves]).transpose(1, 2)  # (halves, channels, K / group)
         if group > BLOCK:  # a group spans several blocks: each block holds its group's pair
             table = table.repeat_interleave(group // BLOCK, dim=2)
-        half_table = torch.zeros(2, (t1 - t0) * TILE, blocks * pairs, dtype=torch.float16)
+        half_table = torch.zeros(halves, (t1 - t0) * TILE, blocks * pairs, dtype=torch.float16)
         half_table[:, :c1 - c0, :table.shape[2]] = table.half()  # the columns past K: scale and zero 0
         # (scale or zero, tile, channel, block, pair) -> (tile, block, pair, scale or zero, channel)
-        half_table = half_table.view(2, t1 - t0, TILE, blocks, pairs).permute(1, 3, 4, 0, 2)
+        half_table = half_table.view(halves, t1 - t0, TILE, blocks, pairs).permute(1, 3, 4, 0, 2)
         data[t0:t1, :, code_bytes:] = half_table.reshape(t1 - t0, blocks, -1).contiguous().view(torch.uint8)
         if done:
             done(codes[c0:c1])
-    per_channel = blocks * (BLOCK // 2 + 4 * pairs)
+    per_channel = blocks * (BLOCK // 2 + 2 * halves * pairs)
     return data.view(-1)[:n * per_channel].view(n, per_channel)
 
 
@@ -245,13 +248,15 @@ def main() -> None:
     w = torch.randn(N, K) / K ** 0.5
     codes8, scales8 = quantize_int8(w)
     codes4, sz = quantize_int4(w, 32)
+    codes4s, sz_s = quantize_int4(w, 32, symmetric=True)
     nibbles = torch.stack([codes4 >> 4, codes4 & 15], dim=-1).view(N, -1).to(torch.int32)
     int4pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
     # name -> (a copy of the weights, the product of x with such a copy); bytes: every byte a copy holds
     kernels = {"own float32": (lambda: w.clone(), lambda x, c: linear(x, c)),
                "own bfloat16": (lambda: w.bfloat16(), lambda x, c: linear(x, c)),
                "own int8": (lambda: (pack_int8(codes8), scales8.clone()), lambda x, c: linear(x, *c)),
-               "own int4 g32 (float16 scales)": (lambda: pack_int4(codes4, sz, 32), lambda x, c: linear(x, c, None, 32))}
+               "own int4 g32 (float16 scales)": (lambda: pack_int4(codes4, sz, 32), lambda x, c: linear(x, c, None, 32)),
+               "own int4 g32 symmetric": (lambda: pack_int4(codes4s, sz_s, 32), lambda x, c: linear(x, c, None, 32))}
     if args.pytorch:
         kernels |= {
             "F.linear float32": (lambda: w.clone(), lambda x, c: F.linear(x, c)),

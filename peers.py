@@ -143,7 +143,8 @@ def llama_cpp_formats(dtype: str, quantization: Optional[tuple[str, Optional[int
 
         float32 -> f32 GGUF | bfloat16 -> bf16 | float16 -> f16
         int8 (one scale per output channel) -> Q8_0 (one scale per block of 32)
-        int4, groups of 32 -> Q4_0 (groups of 32); other group sizes have no llama.cpp counterpart
+        int4, groups of 32 -> Q4_0 (groups of 32, one scale each: the counterpart of --symmetric's
+        codes; the engine's asymmetric int4 keeps a zero too); other group sizes have none
     A quantized type is made from an f32 GGUF of the unquantized weights, as llama.cpp's own
     quantizer expects. Raises ValueError for what llama.cpp cannot mirror."""
     if dtype not in LLAMA_CPP_FLOAT_TYPES:

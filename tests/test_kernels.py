@@ -46,15 +46,18 @@ def kernel_weights(kind: str, rows: int, columns: int) -> tuple[torch.Tensor, tu
         codes, scales = quantize.quantize_int8(w)
         return (quantize.dequantize_int8(codes, scales).double(), (cpu_kernels.pack_int8(codes), scales, 0),
                 torch.zeros(rows, columns).double())
-    group = int(kind.removeprefix("int4 g"))
-    codes, sz = quantize.quantize_int4(w, group)
+    group, symmetric = int(kind.removeprefix("int4 g").removesuffix(" symmetric")), kind.endswith("symmetric")
+    codes, sz = quantize.quantize_int4(w, group, symmetric)
     scale, zero = sz.unbind(-1)  # what pack_int4 keeps: scale and zero - 8 scale, in float16
     scale, shifted = (t.t().half().double().repeat_interleave(group, dim=1) for t in (scale, zero - 8 * scale))
     nibbles = torch.stack([codes >> 4, codes & 15], dim=-1).view(rows, columns).double()
-    return nibbles * scale + shifted, (cpu_kernels.pack_int4(codes, sz, group), None, group), shifted
+    packed = (cpu_kernels.pack_int4(codes, sz, group), None, group)
+    if symmetric:  # the kernel takes 8 scales off with x rounded, as it takes the codes
+        return (nibbles - 8) * scale, packed, torch.zeros(rows, columns).double()
+    return nibbles * scale + shifted, packed, shifted
 
 
-KINDS = ["float32", "bfloat16", "int8"] + [f"int4 g{g}" for g in quantize.GROUP_SIZES]
+KINDS = ["float32", "bfloat16", "int8"] + [f"int4 g{g}{s}" for g in quantize.GROUP_SIZES for s in ("", " symmetric")]
 ROWS = (1, 2, 3, 7, 8, 9, 33, 64)
 
 
@@ -84,7 +87,7 @@ def test_each_kernel_equals_a_float64_product_of_its_weights(isa, kind):
     rounds to ~1e-6 of it; a wrong or missing term is of the order of the output itself)."""
     torch.manual_seed(0)
     for out_features, in_features in ((64, 512), (37, 512), (37, 100), (37, 352), (37, 320)):
-        if kind.startswith("int4") and in_features % int(kind.removeprefix("int4 g")):
+        if kind.startswith("int4") and in_features % int(kind.split()[1].removeprefix("g")):
             continue
         w, args, zero = kernel_weights(kind, out_features, in_features)
         for rows in ROWS:
@@ -97,7 +100,7 @@ def test_each_kernel_equals_a_float64_product_of_its_weights(isa, kind):
             assert ((got.double() - expected).abs() <= bound).all(), (kind, out_features, in_features, rows)
 
 
-@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8", "int4 g32"])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8", "int4 g32", "int4 g32 symmetric"])
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(isa, kind):
     """Bit for bit: each of 33 rows computed alone, in its row tile and in the whole, so that a
     verify pass over k + 1 rows and a batch give each row what one row gives it."""
@@ -278,7 +281,7 @@ def test_attention_equals_pytorchs_and_gives_each_query_the_same_bits_whatever_c
 
 
 GUARDED = """
-import ctypes, mmap, sys
+import ctypes, itertools, mmap, sys
 import torch
 import cpu_kernels, quantize
 PAGE = mmap.PAGESIZE
@@ -297,8 +300,9 @@ torch.manual_seed(0)
 cpu_kernels.enable()
 for isa in sys.argv[1:]:
     cpu_kernels.isa = isa
-    for out_features, in_features, group in ((37, 352, 32), (5, 320, 64), (3, 192, 64), (6, 256, 256)):
-        codes, sz = quantize.quantize_int4(torch.randn(out_features, in_features), group)
+    for (out_features, in_features, group), symmetric in itertools.product(
+            ((37, 352, 32), (5, 320, 64), (3, 192, 64), (6, 256, 256)), (False, True)):
+        codes, sz = quantize.quantize_int4(torch.randn(out_features, in_features), group, symmetric)
         packed = before_a_guard_page(cpu_kernels.pack_int4(codes, sz, group))
         for rows in (3, 9):  # 9: on AMX's tiles
             guarded = cpu_kernels.linear(torch.randn(rows, in_features), packed, None, group)
@@ -370,7 +374,7 @@ def test_greedy_self_speculation_through_the_kernels_equals_autoregression_batch
     self-speculative."""
     torch.manual_seed(0)
     prompts = [torch.randint(3, 300, (n,)).tolist() for n in (1, 9, 4, 17)]
-    for mode in ("int8", "int4"):
+    for mode in ("int8", "int4", "int4 sym"):
         model = load_model(quantized("llama32", mode), dtype=torch.float32)
         reference = [batch_one(model, p, 19) for p in prompts]
         for exit_layer, k, batch_size in ((None, 0, 3), (2, 3, 3), (4, 6, 1)):

@@ -45,6 +45,19 @@ def test_round_trip_within_the_bound_of_each_scheme(kind):
         error = (quantize.dequantize_int4(codes, scales_and_zeros, groupsize) - w).abs()
         assert (error <= step / 2 + 1e-6).all(), groupsize
         assert error.max() > step.max() / 8  # the bound is near tight: nothing is skipped
+        # symmetric: step = the group's largest |w| / 8, which code 0 holds exactly; codes -8..7 times
+        # the step reach only 7 steps on the other side, so a weight past them is off by up to a step
+        codes, scales_and_zeros = quantize.quantize_int4(w, groupsize, symmetric=True)
+        assert (scales_and_zeros[..., 1] == 0).all()
+        scale = scales_and_zeros[..., 0].t().repeat_interleave(groupsize, dim=1)  # the extreme's sign, flipped
+        step = scale.abs()
+        assert torch.allclose(step, (groups.abs().amax(-1) / 8).repeat_interleave(groupsize, dim=1))
+        error = (quantize.dequantize_int4(codes, scales_and_zeros, groupsize) - w).abs()
+        extreme = groups.abs().argmax(-1, keepdim=True)
+        assert (error.view_as(groups).gather(-1, extreme) <= 1e-6 * step.max()).all()
+        beyond = w / scale > 7.5  # past code 15
+        assert (error[~beyond] <= step[~beyond] / 2 + 1e-6).all() and (error <= step + 1e-6).all(), groupsize
+        assert (error[~beyond] / step[~beyond]).max() > 0.4  # near tight
 
 
 @pytest.fixture
@@ -132,7 +145,8 @@ def test_packed_kernels_equal_a_float_matmul_of_the_dequantized_weight(dtype, ke
 
 @pytest.fixture(scope="module")
 def quantized(checkpoints, tmp_path_factory):
-    """(style, mode) -> path of the quantized file, written by the command line."""
+    """(style, mode) -> path of the quantized file, written by the command line; mode "int4 sym":
+    int4 with symmetric codes."""
     made = {}
 
     def get(style: str, mode: str):
@@ -140,9 +154,11 @@ def quantized(checkpoints, tmp_path_factory):
             path, _ = checkpoints(style)
             folder = tmp_path_factory.mktemp("q") / style
             shutil.copytree(path.parent, folder)
-            flags = ["--mode", "int8"] if mode == "int8" else ["--mode", "int4", "--groupsize", "32"]
+            flags = (["--mode", "int8"] if mode == "int8" else
+                     ["--mode", "int4", "--groupsize", "32"] + (["--symmetric"] if mode == "int4 sym" else []))
             quantize.main(["--checkpoint_path", str(folder / "model.pth"), *flags])
-            made[style, mode] = folder / ("model_int8.pth" if mode == "int8" else "model_int4.g32.pth")
+            made[style, mode] = folder / {"int8": "model_int8.pth", "int4": "model_int4.g32.pth",
+                                          "int4 sym": "model_int4.g32.sym.pth"}[mode]
         return made[style, mode]
 
     return get
@@ -151,10 +167,10 @@ def quantized(checkpoints, tmp_path_factory):
 def test_file_holds_plain_codes_and_says_what_it_is(quantized, checkpoints):
     for style in ("llama2", "llama32"):  # llama32: a tied head gets its own quantized copy
         float_state = torch.load(checkpoints(style)[0], weights_only=True)
-        for mode in ("int8", "int4"):
+        for mode in ("int8", "int4", "int4 sym"):
             state = torch.load(quantized(style, mode), weights_only=True)
-            assert state["quantization"] == {"mode": mode, "groupsize": 32 if mode == "int4" else None,
-                                             "version": QUANTIZATION_VERSION}
+            assert state["quantization"] == {"mode": mode.split()[0], "groupsize": 32 if mode != "int8" else None,
+                                             "version": QUANTIZATION_VERSION, **({"symmetric": True} if "sym" in mode else {})}
             assert torch.equal(state["tok_embeddings.weight"], float_state["tok_embeddings.weight"])
             head = float_state.get("output.weight", float_state["tok_embeddings.weight"])
             rows, columns = head.shape
@@ -164,13 +180,14 @@ def test_file_holds_plain_codes_and_says_what_it_is(quantized, checkpoints):
             else:
                 assert state["output.codes"].dtype == torch.uint8 and state["output.codes"].shape == (rows, columns // 2)
                 assert state["output.scales_and_zeros"].shape == (columns // 32, rows, 2)
+                assert (state["output.scales_and_zeros"][..., 1] == 0).all() == (mode == "int4 sym")
             assert not any(name.endswith(".weight") and name.startswith("layers.") and "norm" not in name for name in state)
 
 
 def test_greedy_self_speculation_equals_autoregression_on_quantized_models(quantized, checkpoints):
     prompt = torch.tensor([1, 40, 41, 42, 43, 44])
     for style in ("llama2", "llama32"):
-        for mode in ("int8", "int4"):
+        for mode in ("int8", "int4", "int4 sym"):
             model = load_model(quantized(style, mode))  # float32 activations: exact comparisons
             reference, _ = greedy(model, prompt)
             for exit_layer, k in ((1, 3), (3, 2), (5, 4)):
@@ -468,6 +485,8 @@ def test_quantize_main_reports_on_stderr_and_refuses_what_it_cannot_use(checkpoi
 
     assert "the following arguments are required: --checkpoint_path" in refused("--mode", "int8")
     assert "the following arguments are required: --mode" in refused("--checkpoint_path", str(path))
+    assert refused("--checkpoint_path", str(path), "--mode", "int8", "--symmetric") == (
+        "error: --symmetric goes with --mode int4 (int8 is symmetric already)")
     (folder / "model_config.json").rename(folder / "config.bak")
     (folder / "model_config.json").write_text("{")
     assert refused("--checkpoint_path", str(path), "--mode", "int8").startswith(f"error: cannot read model config {folder / 'model_config.json'}: ")
@@ -500,8 +519,10 @@ def test_quantize_help_says_what_each_flag_does(capsys):
     help_text = " ".join(capsys.readouterr().out.split()) + " "
     assert exit_.value.code == 0
     for text in ("Weight-only quantization of a converted checkpoint: int8 per output channel, or int4 in groups.",
-                 "CHECKPOINT_PATH a converted model.pth --mode", "{32,64,128,256} int4: input columns per scale --output",
-                 "OUTPUT default: model_int8.pth / model_int4.g{G}.pth beside the checkpoint"):
+                 "CHECKPOINT_PATH a converted model.pth --mode", "{32,64,128,256} int4: input columns per scale --symmetric",
+                 "int4: one scale a group and no zero, as llama.cpp's Q4_0 (4.5 bits a weight at groups of 32 "
+                 "on a CPU instead of 5, a little less accurate) --output",
+                 "OUTPUT default: model_int8.pth / model_int4.g{G}.pth / model_int4.g{G}.sym.pth beside the checkpoint"):
         assert f" {text} " in help_text, text  # whole, nothing added at either end
 
 
