@@ -196,7 +196,8 @@ def test_greedy_self_speculation_equals_autoregression_on_quantized_models(quant
 
 def test_quantized_logits_stay_close_to_the_float_model(tmp_path):
     """On the demo, a trained model (random test models amplify any error layer after layer):
-    measured 0.6% relative logits error and 99.5% same argmax for int8, 5% and 91% for int4 g32."""
+    measured 0.7% relative logits error and 99% same argmax for int8, 5.5% and 86.5% for int4 g32,
+    6.1% and 86% for symmetric int4 g32."""
     demo = ROOT / "checkpoints" / "demo"
     for name in ("model_config.json", "tokenizer.model"):
         shutil.copy(demo / name, tmp_path / name)
@@ -204,7 +205,8 @@ def test_quantized_logits_stay_close_to_the_float_model(tmp_path):
     ids = torch.tensor([tokenizer.encode((ROOT / "generate.py").read_text()[:3000])[:200]])
     positions = torch.arange(200)[None]
     logits = {}
-    for mode, flags in (("float", None), ("int8", ["--mode", "int8"]), ("int4", ["--mode", "int4", "--groupsize", "32"])):
+    for mode, flags in (("float", None), ("int8", ["--mode", "int8"]), ("int4", ["--mode", "int4", "--groupsize", "32"]),
+                        ("int4 sym", ["--mode", "int4", "--groupsize", "32", "--symmetric"])):
         path = demo / "model.pth"
         if flags:
             quantize.main(["--checkpoint_path", str(path), *flags, "--output", str(tmp_path / f"{mode}.pth")])
@@ -217,8 +219,9 @@ def test_quantized_logits_stay_close_to_the_float_model(tmp_path):
     error = {m: ((x - reference).norm() / reference.norm()).item() for m, x in logits.items()}
     same = {m: (x.argmax(-1) == reference.argmax(-1)).float().mean().item() for m, x in logits.items()}
     assert error["int8"] < 0.02 and same["int8"] > 0.97, (error, same)
-    assert error["int4"] < 0.15 and same["int4"] > 0.8, (error, same)
-    assert error["int8"] < error["int4"] / 3, error
+    for mode in ("int4", "int4 sym"):
+        assert error[mode] < 0.15 and same[mode] > 0.8, (error, same)
+        assert error["int8"] < error[mode] / 3, error
 
 
 def test_per_layer_evaluation_of_a_quantized_file(quantized, tmp_path, capsys):
