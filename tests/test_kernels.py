@@ -58,7 +58,7 @@ def kernel_weights(kind: str, rows: int, columns: int) -> tuple[torch.Tensor, tu
 
 
 KINDS = ["float32", "bfloat16", "int8"] + [f"int4 g{g}{s}" for g in quantize.GROUP_SIZES for s in ("", " symmetric")]
-ROWS = (1, 2, 3, 7, 8, 9, 33, 64)
+ROWS = (1, 2, 3, 7, 8, 9, 33, 64, 70)  # past 64: a prompt's blocks of columns
 
 
 def rounded_reference(x: torch.Tensor, w: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -83,10 +83,12 @@ def test_each_kernel_equals_a_float64_product_of_its_weights(isa, kind):
     bfloat16 is held to the product of x rounded to bfloat16, int8 and int4 to that of x rounded to
     8 bits as the kernels round it (rounded_reference), int4 with the float16 scales and zeros it is
     packed with.
-    Tolerance: 1e-5 of sum |x| |w| per output (float32 accumulation over at most 512 products
+    Columns past one block of the float kinds (1100: bfloat16 takes 512 a block, float32 256, and
+    1024 / 2048 past 64 rows), whose sums carry from block to block.
+    Tolerance: 1e-5 of sum |x| |w| per output (float32 accumulation over at most 1100 products
     rounds to ~1e-6 of it; a wrong or missing term is of the order of the output itself)."""
     torch.manual_seed(0)
-    for out_features, in_features in ((64, 512), (37, 512), (37, 100), (37, 352), (37, 320)):
+    for out_features, in_features in ((64, 512), (37, 512), (37, 100), (37, 352), (37, 320), (37, 1100)):
         if kind.startswith("int4") and in_features % int(kind.split()[1].removeprefix("g")):
             continue
         w, args, zero = kernel_weights(kind, out_features, in_features)
@@ -102,14 +104,15 @@ def test_each_kernel_equals_a_float64_product_of_its_weights(isa, kind):
 
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8", "int4 g32", "int4 g32 symmetric"])
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(isa, kind):
-    """Bit for bit: each of 33 rows computed alone, in its row tile and in the whole, so that a
-    verify pass over k + 1 rows and a batch give each row what one row gives it."""
+    """Bit for bit: each of 70 rows computed alone, in its row tile and in the whole, so that a
+    verify pass over k + 1 rows and a batch give each row what one row gives it; the whole is a
+    prompt's product (past 64 rows), which the float kinds take in longer blocks of columns."""
     torch.manual_seed(1)
-    _, args, _ = kernel_weights(kind, 37, 256)
-    x = torch.randn(33, 256)
+    _, args, _ = kernel_weights(kind, 37, 1088)
+    x = torch.randn(70, 1088)
     whole = cpu_kernels.linear(x, *args)
-    alone = torch.cat([cpu_kernels.linear(x[i:i + 1], *args) for i in range(33)])
-    in_sevens = torch.cat([cpu_kernels.linear(x[i:i + 7], *args) for i in range(0, 33, 7)])
+    alone = torch.cat([cpu_kernels.linear(x[i:i + 1], *args) for i in range(70)])
+    in_sevens = torch.cat([cpu_kernels.linear(x[i:i + 7], *args) for i in range(0, 70, 7)])
     assert torch.equal(whole, alone) and torch.equal(whole, in_sevens)
 
 
