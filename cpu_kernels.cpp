@@ -33,6 +33,14 @@ constexpr int CHANNELS = 4;
 constexpr int TILE_CHANNELS = 16;
 constexpr int64_t BLOCK = 128;
 
+// Bytes of a channel in pack_int4's layout: each block of BLOCK columns holds its codes (4 bits each)
+// and, for each of its max(1, BLOCK / group) groups, a float16 scale and, but for symmetric codes, a
+// float16 shifted zero.
+static inline int64_t int4_channel_bytes(int64_t K, int64_t group, bool symmetric) {
+    const int64_t blocks = (K + BLOCK - 1) / BLOCK, pairs = std::max<int64_t>(1, BLOCK / group);
+    return blocks * (BLOCK / 2 + (symmetric ? 2 : 4) * pairs);
+}
+
 // How far ahead prefetch_row asks for a tile's weight rows, and into which cache, differs by maker:
 // measured on 8192 x 2048 from memory, M = 1 / 7, GB/s. A 2-core AMD EPYC (family 25) read float32 at
 // 20-22 / 15 on two threads (12-14 / 8 on one) asking 1 KB along each row into L1, at 28-38 / 22-25
@@ -142,9 +150,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
         } else {
             TORCH_CHECK(group >= 32 && group <= 256 && (group & (group - 1)) == 0 && K % group == 0,
                         "int4: not packed by pack_int4 for this group and K");
-            const int64_t per_channel = blocks * (BLOCK / 2 + 4 * std::max<int64_t>(1, BLOCK / group));
-            const int64_t symmetric = blocks * (BLOCK / 2 + 2 * std::max<int64_t>(1, BLOCK / group));  // scales only
-            TORCH_CHECK(weight.size(1) == per_channel || weight.size(1) == symmetric,
+            TORCH_CHECK(weight.size(1) == int4_channel_bytes(K, group, false) ||
+                            weight.size(1) == int4_channel_bytes(K, group, true),
                         "int4: not packed by pack_int4 for this group and K");
             TORCH_CHECK(stored >= stored_channels * weight.size(1), "int4: the packed storage is short");
         }
@@ -723,7 +730,7 @@ static inline void int4_tile_amx(const Int4Product& p, int64_t t, int64_t m0, in
 static void run_int4(const at::Tensor& x, const at::Tensor& weight, int64_t group, at::Tensor& y, bool amx = false) {
     const int64_t M = x.size(0), K = x.size(1), N = y.size(1), blocks = (K + BLOCK - 1) / BLOCK;
     const int64_t pairs = std::max<int64_t>(1, BLOCK / group), spans = K / SPAN;
-    const bool symmetric = weight.size(1) == blocks * (BLOCK / 2 + 2 * pairs);  // scales only (the op checked the width)
+    const bool symmetric = weight.size(1) == int4_channel_bytes(K, group, true);  // scales only (the op checked the width)
 #if VNNI
     amx = amx && M >= AMX_ROWS;
     const int64_t R = amx ? amx_rows(M) : 1;
