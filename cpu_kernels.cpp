@@ -50,13 +50,6 @@ static const bool rows_into_l2 = [] {
     __builtin_cpu_init();
     return __builtin_cpu_is("amd") != 0;
 }();
-// Packed int8 and int4 weights against one row: on that AMD EPYC, asking for them ahead slowed the
-// one stream they are read as (32768 x 2048 from memory, one / two threads, GB/s, asked -> not
-// asked: int4 27.8 / 53.5 -> 36.2 / 62.1, symmetric int4 26.9 / 53.0 -> 31.8 / 62.3, int8 26.5 /
-// 42.5 -> 28.4 / 45.8; one thread with the other core copying memory: 16.5-17.1 -> 19.8-20.9). From
-// two rows on the asks pay (int4, two threads: 2 rows 41.6 -> 37.2 without them, 3 rows 43.3 -> 27.0).
-// The Xeon gained from them at one row (the comment in int4_tile).
-static const bool one_row_unasked = rows_into_l2;
 
 #define BF16 0
 #pragma GCC push_options
@@ -651,11 +644,10 @@ static inline void group_pair(const uint8_t* block, int pair, int h, vec& scale,
 template <bool SYMMETRIC>
 static inline void int4_tile(const Int4Product& p, int64_t t, int64_t m0, int64_t rows, vec (*sums)[TILE_VECS]) {
     const uint8_t* block = p.w + t * p.blocks * p.block_bytes;
-    const bool ask = rows > 1 || !one_row_unasked;
     for (int64_t b = 0; b < p.blocks; b++, block += p.block_bytes) {
         // Into L2, not L1: on a 2-core Xeon (AVX-512 VNNI) 17 -> 20-21 GB/s from memory at M = 1 on two
         // threads, 9 -> 10.5 on one
-        if (ask) prefetch<_MM_HINT_T1>(block + PREFETCH, p.block_bytes);
+        prefetch<_MM_HINT_T1>(block + PREFETCH, p.block_bytes);
         const int spans = int(std::min<int64_t>(SPANS, p.spans - b * SPANS));
         for (int s = 0; s < spans; s++)
             for (int h = 0; h < TILE_VECS; h++) {
@@ -823,11 +815,10 @@ struct Int8Product {
 // once for all the rows. A tile's channels past N are zeros; their sums are not written.
 static inline void int8_tile(const Int8Product& p, int64_t t, int64_t m0, int64_t rows, vec (*sums)[TILE_VECS]) {
     const uint8_t* block = p.w + t * p.blocks * INT8_BLOCK_BYTES;
-    const bool ask = rows > 1 || !one_row_unasked;
     for (int64_t b = 0; b < p.blocks; b++, block += INT8_BLOCK_BYTES) {
         // 16 KB ahead, into L2: on a 2-core AMD EPYC, 8192 x 2048 from memory at M = 1, GB/s median of 5
         // interleaved runs, two threads / one: 26.7 / 15.4 at 4 KB ahead, 26.3 / 17.1 at 8, 28.7 / 17.8 at 16
-        if (ask) prefetch<_MM_HINT_T1>(block + 4 * PREFETCH, INT8_BLOCK_BYTES);
+        prefetch<_MM_HINT_T1>(block + 4 * PREFETCH, INT8_BLOCK_BYTES);
         const int spans = int(std::min<int64_t>(SPANS, p.spans - b * SPANS));
         for (int s = 0; s < spans; s++)
             for (int h = 0; h < TILE_VECS; h++) {
