@@ -475,13 +475,14 @@ static void linear(const Weight& wt, const typename Weight::Input* x, int64_t M,
     static_assert(1024 / sizeof(*wt.w) % Weight::STEP == 0, "a block of columns holds whole steps");
     auto add = [&](int64_t n0, int channels, int64_t m0, int64_t rows, vec (*sums)[CHANNELS]) {
         const typename Weight::Input* xb = x + m0 * K;
-        // One row against weight rows of at most 4 KB: one channel after the other, whole, with no
+        // One row against weight rows of at most 8 KB: one channel after the other, whole, with no
         // prefetch, so that memory sees a single sequential stream. On a 2-core AMD EPYC (Zen 4) that
         // stream outran the four interleaved channels with their prefetches: bfloat16 16384 x 2048,
-        // one / two threads 22 / 40 -> 25-28 / 43-50 GB/s, the 128256-channel head 19 / 28 -> 26 / 32.
-        // Longer rows lose (4096 x 8192 on two threads 33 -> 26) and so do 3 or more rows; float32
-        // gained nothing, so only the bfloat16 dot products take it. The sums add in the same order.
-        if (Weight::one_row_in_one_stream && M == 1 && K * int64_t(sizeof(*wt.w)) <= 4096) {
+        // one / two threads 22 / 40 -> 25-28 / 43-50 GB/s, the 128256-channel head 19 / 28 -> 26 / 32,
+        // 14336 x 4096 18.5 / 30.8 -> 20.2 / 32.1. Longer rows lose (4096 x 8192 on two threads
+        // 33 -> 26) and so do 3 or more rows; float32 gained nothing, so only the bfloat16 dot
+        // products take it. The sums add in the same order.
+        if (Weight::one_row_in_one_stream && M == 1 && K * int64_t(sizeof(*wt.w)) <= 8192) {
             for (int c = 0; c < channels; c++) {
                 vec acc = sums[0][c];
                 for (int64_t k = 0; k < full; k += Weight::STEP)
