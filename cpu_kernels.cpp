@@ -483,12 +483,8 @@ static void linear(const Weight& wt, const typename Weight::Input* x, int64_t M,
         // 33 -> 26) and so do 3 or more rows; float32 gained nothing, so only the bfloat16 dot
         // products take it. The sums add in the same order.
         if (Weight::one_row_in_one_stream && M == 1 && K * int64_t(sizeof(*wt.w)) <= 8192) {
-            for (int c = 0; c < channels; c++) {
-                vec acc = sums[0][c];
-                for (int64_t k = 0; k < full; k += Weight::STEP)
-                    acc = Weight::madd(Weight::load_x(xb + k), wt.load(n0 + c, k), acc);
-                sums[0][c] = acc;
-            }
+            for (int c = 0; c < channels; c++)  // channel c alone: a tile of one row and one channel, its sum sums[0][c]
+                tile<1, 1>(wt, xb, K, 0, full, n0 + c, reinterpret_cast<vec (*)[CHANNELS]>(&sums[0][c]));
             return;
         }
         for (int64_t k0 = 0; k0 < full; k0 += columns) {
