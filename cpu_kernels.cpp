@@ -390,8 +390,8 @@ static void over_tiles(int64_t M, int64_t N, const Add& add, const Finish& finis
 #if !VNNI
 // Each float kind of weight: load(n, k) gives STEP weights of channel n from column k as a vector
 // operand, madd(x, w, sums) adds their products with x's (Input, as load_x reads it) to LANES float32
-// sums, at(n, k) gives one weight (the columns past the last full step); the kinds whose rows are
-// `prefetched` ask for them ahead of use (prefetch_row). Float32 and bfloat16 weights are converted
+// sums, at(n, k) gives one weight (the columns past the last full step); every kind's rows are
+// asked for ahead of use (prefetch_row, in linear). Float32 and bfloat16 weights are converted
 // to float32 vectors and meet x in float32 (the caller rounds x to bfloat16 for bfloat16 weights).
 struct FloatProducts {
     typedef float Input;
@@ -407,8 +407,6 @@ struct Float32Weight : FloatProducts {
     const float* w; int64_t K;
     vec load(int64_t n, int64_t k) const { return vload(w + n * K + k); }
     float at(int64_t n, int64_t k) const { return w[n * K + k]; }
-    static constexpr bool prefetched = true;  // a 2-core Xeon, 7 rows: 18.6-19.8 -> 20.0-20.8 GB/s on two
-                                              // threads, 9.3-9.5 -> 10.4-10.6 on one; one row unchanged
 };
 
 static inline float bfloat16_value(uint16_t b) {
@@ -422,7 +420,6 @@ struct BFloat16Weight : FloatProducts {
     const uint16_t* w; int64_t K;
     vec load(int64_t n, int64_t k) const { return vload_bf16(w + n * K + k); }
     float at(int64_t n, int64_t k) const { return bfloat16_value(w[n * K + k]); }
-    static constexpr bool prefetched = true;  // a 2-core Xeon, two threads, M = 1 / 7: 23.0 / 16.9 -> 24.2 / 18.5 GB/s
 };
 
 // Columns [k0, k1) of R rows x C channels, added to the vector sums acc[r][c] (kept in memory between
@@ -491,8 +488,10 @@ static void linear(const Weight& wt, const typename Weight::Input* x, int64_t M,
         }
         for (int64_t k0 = 0; k0 < full; k0 += columns) {
             const int64_t k1 = std::min(full, k0 + columns);
-            if (Weight::prefetched)
-                for (int c = 0; c < channels; c++) prefetch_row<into_l2>(wt.w + (n0 + c) * K, k0, K, (k1 - k0) * sizeof(*wt.w));
+            // Asking for the rows ahead paid on a 2-core Xeon: float32 at 7 rows 18.6-19.8 -> 20.0-20.8 GB/s
+            // on two threads, 9.3-9.5 -> 10.4-10.6 on one (one row unchanged); bfloat16 (converted to
+            // float32), two threads, M = 1 / 7: 23.0 / 16.9 -> 24.2 / 18.5
+            for (int c = 0; c < channels; c++) prefetch_row<into_l2>(wt.w + (n0 + c) * K, k0, K, (k1 - k0) * sizeof(*wt.w));
             int64_t m = 0;
             for (; m + ROWS <= rows; m += ROWS) tile_channels<ROWS>(wt, xb + m * K, K, k0, k1, n0, channels, sums + m);
             switch (rows - m) {  // the last rows in one tile too: each weight vector is converted once per
@@ -520,7 +519,6 @@ struct BFloat16Pairs {
     typedef uint16_t Input;
     typedef __m512bh Operand;
     static constexpr int64_t STEP = 32;
-    static constexpr bool prefetched = true;
     static constexpr bool one_row_in_one_stream = true;
     const uint16_t* w; int64_t K;
     Operand load(int64_t n, int64_t k) const { return (__m512bh)_mm512_loadu_si512(w + n * K + k); }
