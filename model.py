@@ -317,7 +317,8 @@ QUANTIZATION_VERSION = 1  # of the quantized file format; load_model refuses any
 
 class Int8Linear(nn.Module):
     """A linear layer stored as int8 codes with one scale per output channel: W = codes * scales.
-    pack() lays the codes out for the engine's CPU kernel; PyTorch's kernels take them as they are."""
+    pack() lays the codes out for the engine's CPU kernel; its CUDA kernel and PyTorch's CPU kernels
+    take them as they are."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -345,6 +346,9 @@ class Int8Linear(nn.Module):
             rows = x.reshape(-1, self.in_features).clone()
             out = torch.ops.aten._weight_int8pack_mm(rows, self.codes, self.scales)
             return out.view(*x.shape[:-1], self.out_features)
+        if x.device.type == "cuda":
+            import cuda_kernels  # Triton's, loaded on first use: CPU-only installs have no Triton
+            return cuda_kernels.int8_linear(x, self.codes, self.scales)
         return F.linear(x, self.codes.to(x.dtype)) * self.scales
 
 

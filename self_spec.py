@@ -247,9 +247,12 @@ def decoding_functions(temperature: Union[float, Tensor], top_k: Union[int, None
     prefill_fn, decode_fn, step_fn = prefill, decode_one_token, speculative_step
     if compile:
         on_cuda = device.startswith("cuda")
-        if on_cuda:
-            torch._inductor.config.coordinate_descent_tuning = True
-            torch._inductor.config.triton.unique_kernel_names = True
+        # No coordinate-descent tuning on CUDA (gpt-fast sets it): with it inductor writes a one-row
+        # product as a reduction of its own, summed in another order than cuBLAS's product over a
+        # verify pass's k + 1 rows, and greedy self-speculation drifts from autoregression (on an
+        # H200 the demo's int8 file did, on 1 prompt of 5). Without it a row's product is cuBLAS's
+        # (the same bits alone and among 2 to 56 rows there, at the shapes measured) or the int8
+        # kernel's (the same by construction).
         # Eager rounds each bfloat16 op's result to 16 bits; inductor, fusing ops, keeps float32
         # between them unless told to round. A verify pass starts its late layers from hidden states
         # rounded into the exit cache, where an autoregressive step's fused kernels would carry them

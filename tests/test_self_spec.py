@@ -316,9 +316,9 @@ def test_decoding_functions_bind_the_settings_and_compile_what_the_device_needs(
         return wrapper
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    # the inductor flags a CUDA run sets, on a stand-in (importing torch._inductor takes seconds)
-    inductor = SimpleNamespace(coordinate_descent_tuning=False, triton=SimpleNamespace(unique_kernel_names=False),
-                               emulate_precision_casts=False, cpp=SimpleNamespace(min_chunk_size=512))
+    # the inductor flags the compiled steps set, on a stand-in (importing torch._inductor takes seconds)
+    inductor = SimpleNamespace(coordinate_descent_tuning=False, emulate_precision_casts=False,
+                               cpp=SimpleNamespace(min_chunk_size=512))
     monkeypatch.setitem(vars(torch), "_inductor", SimpleNamespace(config=inductor))  # setattr would import it
 
     def bound(fn):  # what a partial calls and with which keywords
@@ -342,7 +342,7 @@ def test_decoding_functions_bind_the_settings_and_compile_what_the_device_needs(
     assert [(c.original, c.options) for c in compiled] == [(decode_one_token, dict(mode="default", fullgraph=True)),
                                                            (speculative_step, dict(mode="default", fullgraph=True))]
     assert steps[0].func is compiled[0] and steps[4].func is compiled[1]
-    assert not inductor.coordinate_descent_tuning and not inductor.triton.unique_kernel_names
+    assert not inductor.coordinate_descent_tuning
     assert inductor.emulate_precision_casts is True and inductor.cpp.min_chunk_size == 16384
     compiled.clear()
     prefill_fn, steps = decoding_functions(0.7, 5, compile=True, device="cuda:1", compile_prefill=True)
@@ -351,7 +351,9 @@ def test_decoding_functions_bind_the_settings_and_compile_what_the_device_needs(
         (speculative_step, dict(mode="reduce-overhead", fullgraph=True)),
         (prefill, dict(fullgraph=True, dynamic=True))]
     assert prefill_fn.func is compiled[2] and steps[0].func is compiled[0]
-    assert inductor.coordinate_descent_tuning is True and inductor.triton.unique_kernel_names is True
+    # CUDA too: coordinate-descent tuning would sum a lone row's product in another order than a
+    # verify pass's (tests/test_quantize.py checks the bits on a GPU)
+    assert not inductor.coordinate_descent_tuning and inductor.emulate_precision_casts is True
 
 
 def test_measure_step_seconds_is_the_median_of_each_ks_timed_passes(monkeypatch):
