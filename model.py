@@ -346,7 +346,11 @@ class Int8Linear(nn.Module):
             rows = x.reshape(-1, self.in_features).clone()
             out = torch.ops.aten._weight_int8pack_mm(rows, self.codes, self.scales)
             return out.view(*x.shape[:-1], self.out_features)
-        if x.device.type == "cuda":
+        # On CUDA the engine's kernel, but not in an eager prompt pass (cpu_kernels.prompt_pass): the
+        # kernel's time grows with the rows (on an H200, 7 rows of 128256 x 2048 codes took 5.3x one
+        # row's), cuBLAS's product of the cast weight's did not (1 and 7 rows alike), and a prompt is
+        # the same pass in either decoding, so its rows need not have a step's bits.
+        if x.device.type == "cuda" and not (cpu_kernels.in_prompt and not torch.compiler.is_compiling()):
             import cuda_kernels  # Triton's, loaded on first use: CPU-only installs have no Triton
             return cuda_kernels.int8_linear(x, self.codes, self.scales)
         return F.linear(x, self.codes.to(x.dtype)) * self.scales

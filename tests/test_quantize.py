@@ -276,7 +276,8 @@ def test_cuda_int8_kernel_gives_a_row_the_same_bits_at_any_row_count():
     shapes that are and are not multiples of its tiles (8 outputs x 256 columns); tolerance 1% of
     the output's scale (the output is rounded to bfloat16). A row alone and among others: the same
     bits, eager and compiled as the engine compiles its CUDA steps (a compiled product that sums a
-    lone row another way, as coordinate-descent tuning's did, fails here)."""
+    lone row another way, as coordinate-descent tuning's did, fails here). An eager prompt pass
+    takes cuBLAS's product of the cast weight instead."""
     from self_spec import decoding_functions
     decoding_functions(0.0, None, compile=True, device="cuda")  # the engine's inductor settings
     for rows, columns in ((40, 256), (37, 300), (3072, 2048)):
@@ -293,6 +294,9 @@ def test_cuda_int8_kernel_gives_a_row_the_same_bits_at_any_row_count():
             assert torch.equal(got, every_row[:m]) and torch.equal(layer(x[m - 1:m])[0], got[-1]), (rows, columns, m)
             if m in (1, 7):
                 assert torch.equal(compiled(x[:m]), got), (rows, columns, m)
+        with cpu_kernels.prompt_pass():  # a prompt: cuBLAS's product of the cast weight instead
+            cast = torch.nn.functional.linear(x, layer.codes.to(x.dtype)) * layer.scales
+            assert torch.equal(layer(x), cast)
     float_layer = torch.nn.Linear(2048, 3072, bias=False, device="cuda", dtype=torch.bfloat16)
     compiled = torch.compile(float_layer, fullgraph=True, dynamic=False)
     x = torch.randn(7, 2048, device="cuda").to(torch.bfloat16)
