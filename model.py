@@ -18,6 +18,7 @@ import math
 import mmap
 from dataclasses import asdict, dataclass, fields
 from functools import partial
+from importlib.util import find_spec
 from itertools import chain
 from pathlib import Path
 from typing import Callable, Optional
@@ -542,6 +543,9 @@ def load_model(checkpoint_path: Path, device: str = "cpu", dtype: Optional[torch
                              f"({QUANTIZATION_VERSION}): quantize the checkpoint again")
         if quantization["mode"] == "int4" and device.startswith("cuda") and dtype != torch.bfloat16:
             raise ValueError(f"int4 on CUDA runs with bfloat16 activations only, not {str(dtype).removeprefix('torch.')}")
+        if quantization["mode"] == "int8" and device.startswith("cuda") and find_spec("triton") is None:
+            raise ValueError("int8 on CUDA runs the engine's Triton kernel, and Triton is not installed "
+                             "(PyTorch's CUDA builds for Linux bring it: pip install triton)")
     elif any(name.endswith(".codes") for name in state):
         raise ValueError(f"{checkpoint_path} holds quantized weights but no quantization metadata")
     if shard is not None:

@@ -597,6 +597,7 @@ def test_load_model_reads_safely_picks_the_dtype_and_shards_on_meta(quantized, c
     the meta model, the state and the quantization entry, under the meta device, and what it
     returns is what gets loaded. A bad file and a config mismatch are reported in one line."""
     import re
+    import model
     from model import Transformer
     path, int8, int4 = checkpoints("llama2")[0], quantized("llama2", "int8"), quantized("llama2", "int4")
     loads, moves, shards = [], [], []
@@ -611,6 +612,7 @@ def test_load_model_reads_safely_picks_the_dtype_and_shards_on_meta(quantized, c
     assert loads == [dict(mmap=True, weights_only=True, map_location="cpu")] * 4
 
     monkeypatch.setattr(Transformer, "to", lambda self, **kwargs: moves.append(kwargs) or to(self, dtype=kwargs["dtype"]))
+    monkeypatch.setattr(model, "find_spec", lambda name: object())  # Triton, as CUDA installs have it
     for checkpoint, device, dtype, expected in ((path, "cuda", None, torch.bfloat16), (path, "cuda:1", torch.float32, torch.float32),
                                                 (int8, "cuda", torch.float32, torch.float32), (int4, "cuda", None, torch.bfloat16),
                                                 (int4, "cpu", torch.float32, torch.float32)):
@@ -621,6 +623,10 @@ def test_load_model_reads_safely_picks_the_dtype_and_shards_on_meta(quantized, c
         name = str(dtype).removeprefix("torch.")
         with pytest.raises(ValueError, match=f"^int4 on CUDA runs with bfloat16 activations only, not {name}$"):
             load_model(int4, "cuda:0", dtype)
+    monkeypatch.setattr(model, "find_spec", lambda name: None)  # no Triton: the int8 kernel cannot run
+    with pytest.raises(ValueError, match="^int8 on CUDA runs the engine's Triton kernel, and Triton is not installed"):
+        load_model(int8, "cuda")
+    load_model(int4, "cuda", None)  # int4 needs none
     monkeypatch.setattr(Transformer, "to", to)
 
     def shard(model, state, quantization):
