@@ -110,7 +110,7 @@ def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: in
     pack_int8 with scales (N,) float32, or int4 weights packed by pack_int4 (no scales); bfloat16
     meets x rounded to bfloat16, int8 and int4 x rounded to 8 bits per block of 32 columns. Returns
     (..., N) in x's dtype. The sums are float32."""
-    if in_prompt and onednn_bfloat16 and weight.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
+    if onednn_bfloat16 and weight.dtype == torch.bfloat16 and eager_prompt():
         return prompt_linear(x, weight)
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
     out = torch.ops.layerskip.linear(rows, weight, scales, group, ISAS[isa])
@@ -126,6 +126,11 @@ def prompt_pass() -> Iterator[None]:
         yield
     finally:
         in_prompt = before
+
+
+def eager_prompt() -> bool:
+    """Whether a product runs in a prompt's pass, eagerly: a compiled prefill keeps the step's kernels."""
+    return in_prompt and not torch.compiler.is_compiling()
 
 
 def prompt_linear(x: Tensor, weight: Tensor) -> Tensor:

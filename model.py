@@ -351,7 +351,7 @@ class Int8Linear(nn.Module):
         # kernel's time grows with the rows (on an H200, 7 rows of 128256 x 2048 codes took 5.3x one
         # row's), cuBLAS's product of the cast weight's did not (1 and 7 rows alike), and a prompt is
         # the same pass in either decoding, so its rows need not have a step's bits.
-        if x.device.type == "cuda" and not (cpu_kernels.in_prompt and not torch.compiler.is_compiling()):
+        if x.device.type == "cuda" and not cpu_kernels.eager_prompt():
             import cuda_kernels  # Triton's, loaded on first use: CPU-only installs have no Triton
             return cuda_kernels.int8_linear(x, self.codes, self.scales)
         return F.linear(x, self.codes.to(x.dtype)) * self.scales
