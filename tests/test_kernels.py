@@ -166,7 +166,8 @@ def test_a_prompts_bfloat16_products_give_a_row_the_same_bits_whatever_rows_come
     change with the number of rows (on a Xeon, 1 against 33 rows of a 512 x 2048 weight); in chunks of
     PROMPT_ROWS the rows of 70 computed at once, alone and seven at a time match bit for bit, and the
     product is the float64 one to bfloat16's rounding. Forced on here whatever the CPU has; outside
-    a prompt's pass the kernel runs (no oneDNN call)."""
+    a prompt's pass the kernel runs (no oneDNN call), and inside one that is being compiled too (a
+    compiled prefill keeps the step's kernels)."""
     monkeypatch.setattr(cpu_kernels, "onednn_bfloat16", True)
     calls = []
     original = torch.nn.functional.linear
@@ -174,7 +175,10 @@ def test_a_prompts_bfloat16_products_give_a_row_the_same_bits_whatever_rows_come
     torch.manual_seed(4)
     w = (torch.randn(512, 2048) / 2048 ** 0.5).bfloat16()
     x = torch.randn(70, 2048).bfloat16()
-    cpu_kernels.linear(x, w)
+    kernel = cpu_kernels.linear(x, w)
+    with cpu_kernels.prompt_pass(), monkeypatch.context() as compiling:
+        compiling.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert torch.equal(cpu_kernels.linear(x, w), kernel)
     assert calls == []
     with cpu_kernels.prompt_pass():
         whole = cpu_kernels.linear(x, w)
