@@ -355,8 +355,10 @@ class AdaptiveK:
     measure_step_seconds': a step costs a little more at a later position (attention reads the
     filled part of the cache), but about alike for every k, so their ratios hold for the run. When
     an autoregressive step wins, no draft is judged and nothing can change, so every `wait` such
-    steps a step of the middle k probes the text again (long enough to see a run of right drafts,
-    which a one-draft probe never would), the first one at once; a probe that does not bring
+    steps a step of the second-smallest k (2 of AUTO_K) probes the text again, the first one at
+    once: two drafts are the fewest that can see a run of right drafts, which a one-draft probe never
+    would, and each longer draft is one more the text that made AR win will likely refuse (probes of
+    four drafts took up to 15% of the demo's hardest HumanEval prompts). A probe that does not bring
     drafting back doubles the wait (up to `max_wait`).
     """
 
@@ -368,7 +370,7 @@ class AdaptiveK:
         self.memory, self.first_wait, self.max_wait = memory, first_wait, max_wait
         self.wait = self.waited = first_wait  # no evidence yet: if it is AR, probe at once
         drafting = sorted(k for k in seconds if k > 0)
-        self.probe, self.probing = drafting[len(drafting) // 2], False
+        self.probe, self.probing = drafting[min(1, len(drafting) - 1)], False
 
     def survival(self) -> list[float]:
         """survival[j]: the estimated chance that drafts 1..j of a step are all accepted. Each
