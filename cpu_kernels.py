@@ -20,20 +20,13 @@ blocks its sums by all three; rounding activations to 8 bits would turn those la
 into different tokens between a verify pass, a batch and a lone step.
 
 Compiled for AVX-512 (with and without VNNI and bfloat16 dot products) and for AVX2 (with FMA and
-F16C) and chosen at run time; on a CPU with AMX's int8 tiles ("amx"), int4 products of 5 rows or
-more run on the tiles, giving each row the bits the vector path gives it. Where they cannot be
-built (no compiler, no ninja) the model keeps PyTorch's kernels and one line on stderr says so.
-They are ops of their own, so a compiled step stays one graph and reads the one copy of the weights
-the model holds.
-
-A prompt's pass (prompt_pass) is the one place where a product has rows enough to be bound by
-arithmetic, not memory. On a CPU with AMX tiles its bfloat16 products go to PyTorch's (oneDNN, on the
-tiles: a 2-core Xeon ran a 118-token prompt through a 16-layer 1B model in 0.5 s instead of 1.55;
-without AMX, on a 2-core AMD EPYC with AVX-512's bfloat16 dot products, oneDNN ran a 134-token
-prompt through 4 such layers no faster than these kernels), in chunks of PROMPT_ROWS rows, the last
-padded: oneDNN's sums for a row depend on how many rows come with it, but not, at one shape, on
-which rows those are or where the row sits, so a prompt gets the same cache entries alone or
-prefilled beside others.
+F16C) and chosen at run time; on a CPU with AMX's tiles ("amx"), int4 products of 5 rows or more run
+on the int8 tiles, giving each row the bits the vector path gives it, and bfloat16 products of any
+rows on the bfloat16 tiles, which multiply 16 rows for about what one costs (a prompt's too: on a
+2-core Xeon as fast as PyTorch's oneDNN or faster, and a row's bits do not depend on the rows beside
+it, as oneDNN's do). Where they cannot be built (no compiler, no ninja) the model keeps PyTorch's
+kernels and one line on stderr says so. They are ops of their own, so a compiled step stays one
+graph and reads the one copy of the weights the model holds.
 """
 import logging
 import sys
@@ -48,9 +41,6 @@ from torch import Tensor
 ISAS = {"amx": 4, "avx512_vnni": 3, "avx512": 2, "avx2": 1}
 isa: Optional[str] = None  # the kernels in use: one of ISAS, "" (PyTorch's), None (not yet looked at)
 supported = ""  # the best this CPU runs, once built
-# prompt passes' bfloat16 products go to oneDNN where the CPU has AMX's tiles
-onednn_bfloat16 = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-PROMPT_ROWS = 64  # rows of each of those products (128: 0.39 s for the 118 tokens above, but 2x a short prompt's time)
 in_prompt = False  # inside prompt_pass
 
 
@@ -110,8 +100,6 @@ def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: in
     pack_int8 with scales (N,) float32, or int4 weights packed by pack_int4 (no scales); bfloat16
     meets x rounded to bfloat16, int8 and int4 x rounded to 8 bits per block of 32 columns. Returns
     (..., N) in x's dtype. The sums are float32."""
-    if onednn_bfloat16 and weight.dtype == torch.bfloat16 and eager_prompt():
-        return prompt_linear(x, weight)
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
     out = torch.ops.layerskip.linear(rows, weight, scales, group, ISAS[isa])
     return out.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
@@ -119,7 +107,8 @@ def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: in
 
 @contextmanager
 def prompt_pass() -> Iterator[None]:
-    """The products inside are a prompt's pass (eager only: a compiled prefill keeps the kernels)."""
+    """The products inside are a prompt's pass (eager only: a compiled prefill keeps the kernels), where
+    CUDA's int8 layers take cuBLAS's product of the cast weight (model.Int8Linear)."""
     global in_prompt
     before, in_prompt = in_prompt, True
     try:
@@ -131,14 +120,6 @@ def prompt_pass() -> Iterator[None]:
 def eager_prompt() -> bool:
     """Whether a product runs in a prompt's pass, eagerly: a compiled prefill keeps the step's kernels."""
     return in_prompt and not torch.compiler.is_compiling()
-
-
-def prompt_linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x (..., K) against a bfloat16 weight (N, K) in oneDNN products of exactly PROMPT_ROWS rows each."""
-    rows = x.reshape(-1, x.shape[-1]).to(weight.dtype)
-    padded = torch.nn.functional.pad(rows, (0, 0, 0, -rows.shape[0] % PROMPT_ROWS))
-    out = torch.cat([torch.nn.functional.linear(chunk, weight) for chunk in padded.split(PROMPT_ROWS)])
-    return out[:rows.shape[0]].view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
 TILE, BLOCK, SPAN = 16, 128, 32  # channels and columns of a packed block, columns of a span

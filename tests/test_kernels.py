@@ -161,44 +161,23 @@ def test_layers_run_the_engines_kernel_on_the_cpu_and_pytorchs_otherwise(monkeyp
     assert calls == []
 
 
-def test_a_prompts_bfloat16_products_give_a_row_the_same_bits_whatever_rows_come_with_it(monkeypatch):
-    """On a CPU with AMX a prompt's pass multiplies bfloat16 weights with oneDNN, whose sums for a row
-    change with the number of rows (on a Xeon, 1 against 33 rows of a 512 x 2048 weight); in chunks of
-    PROMPT_ROWS the rows of 70 computed at once, alone and seven at a time match bit for bit, and the
-    product is the float64 one to bfloat16's rounding. Forced on here whatever the CPU has; outside
-    a prompt's pass the kernel runs (no oneDNN call), and inside one that is being compiled too (a
-    compiled prefill keeps the step's kernels)."""
-    monkeypatch.setattr(cpu_kernels, "onednn_bfloat16", True)
-    calls = []
-    original = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: calls.append(args[0].shape[0]) or original(*args))
-    torch.manual_seed(4)
-    w = (torch.randn(512, 2048) / 2048 ** 0.5).bfloat16()
-    x = torch.randn(70, 2048).bfloat16()
-    kernel = cpu_kernels.linear(x, w)
-    with cpu_kernels.prompt_pass(), monkeypatch.context() as compiling:
-        compiling.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert torch.equal(cpu_kernels.linear(x, w), kernel)
-    assert calls == []
+def test_a_prompts_pass_is_eager_only(monkeypatch):
+    """eager_prompt(): inside prompt_pass and not being compiled (a compiled prefill keeps the step's
+    kernels), and the pass ends with its block."""
+    assert not cpu_kernels.eager_prompt()
     with cpu_kernels.prompt_pass():
-        whole = cpu_kernels.linear(x, w)
-        alone = torch.cat([cpu_kernels.linear(x[i:i + 1], w) for i in range(70)])
-        in_sevens = torch.cat([cpu_kernels.linear(x[i:i + 7], w) for i in range(0, 70, 7)])
-    assert set(calls) == {cpu_kernels.PROMPT_ROWS} and not cpu_kernels.in_prompt
-    assert torch.equal(whole, alone) and torch.equal(whole, in_sevens)
-    expected = x.double() @ w.double().t()
-    assert whole.dtype == torch.bfloat16 and (whole.double() - expected).abs().max() <= 1e-2 * expected.abs().max()
+        assert cpu_kernels.eager_prompt()
+        with monkeypatch.context() as compiling:
+            compiling.setattr(torch.compiler, "is_compiling", lambda: True)
+            assert not cpu_kernels.eager_prompt()
+    assert not cpu_kernels.eager_prompt()
 
 
-def test_a_prompt_prefilled_alone_or_beside_others_gets_the_same_cache_and_first_token(checkpoints, monkeypatch):
-    """prefill runs the layers in a prompt's pass (the oneDNN chunks, forced on) and the head, one row
-    a prompt, through the kernel: a bfloat16 model's caches and first tokens for three prompts
-    prefilled together (right-padded) equal each prompt's alone, bit for bit."""
+def test_a_prompt_prefilled_alone_or_beside_others_gets_the_same_cache_and_first_token(checkpoints):
+    """prefill runs a prompt's rows through the kernels and the head one row a prompt: a bfloat16
+    model's caches and first tokens for three prompts prefilled together (right-padded) equal each
+    prompt's alone, bit for bit."""
     from common import prefill, right_padded
-    monkeypatch.setattr(cpu_kernels, "onednn_bfloat16", True)
-    chunks = []
-    original = cpu_kernels.prompt_linear
-    monkeypatch.setattr(cpu_kernels, "prompt_linear", lambda x, w: chunks.append(w.shape) or original(x, w))
     model = load_model(checkpoints("llama32")[0], dtype=torch.bfloat16)
     torch.manual_seed(5)
     prompts = [torch.randint(3, 300, (n,)).tolist() for n in (5, 30, 12)]
@@ -208,7 +187,6 @@ def test_a_prompt_prefilled_alone_or_beside_others_gets_the_same_cache_and_first
         together = prefill(model, idx, lengths, torch.arange(3), 0.0, None)
         caches = [(layer.attention.kv_cache.k.clone(), layer.attention.kv_cache.v.clone())
                   for layer in model.layers]
-        assert len(chunks) == 5 * len(model.layers)  # wqkv, wo, w1, w3 and w2 of each layer; not the head
         for r, prompt in enumerate(prompts):
             first = prefill(model, torch.tensor([prompt]), torch.tensor([len(prompt)]), torch.tensor([r]), 0.0, None)
             assert first.item() == together[r].item()
@@ -319,14 +297,19 @@ for isa in sys.argv[1:]:
         packed = before_a_guard_page(cpu_kernels.pack_int8(codes))
         guarded = cpu_kernels.linear(torch.randn(3, in_features), packed, scales)
         assert torch.equal(guarded.isfinite(), torch.ones_like(guarded, dtype=torch.bool))
+        weight = before_a_guard_page(torch.randn(out_features, in_features).bfloat16())
+        for rows in (3, 17):  # 17: two tiles of rows on AMX
+            guarded = cpu_kernels.linear(torch.randn(rows, in_features), weight)
+            assert torch.equal(guarded.isfinite(), torch.ones_like(guarded, dtype=torch.bool))
 print("read nothing past the weights")
 """
 
 
-def test_int8_and_int4_read_nothing_past_their_weights():
+def test_int8_int4_and_bfloat16_read_nothing_past_their_weights():
     """The last block of 128 columns may be partly padding and the last tile of 16 channels partly
     missing channels: int4 K = 352, 320, 192 and N = 37, 5, 3, 6, through 3 and 9 rows; int8 K = 100,
-    352, 256 and N = 37, 5, 6, through 3 rows. With the weights ending where an unreadable page
+    352, 256 and N = 37, 5, 6, through 3 rows; bfloat16 (AMX's tiles: 32 columns a block, 16
+    channels a tile) the same shapes through 3 and 17 rows. With the weights ending where an unreadable page
     begins, a read past them ends the process (SIGSEGV)."""
     proc = subprocess.run([sys.executable, "-c", GUARDED, *ISAS], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
