@@ -604,10 +604,20 @@ static inline void bfloat16_tiles(const uint16_t* const* a, const uint16_t* cons
 // x (M, K) bfloat16 against weight (N, K) on the tiles; threads take 32 channels at a time.
 static void bfloat16_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, float* y) {
     const int64_t blocks = K / 32, padded_blocks = (K + 31) / 32, row_tiles = (M + 15) / 16;
-    std::vector<uint16_t> pairs(row_tiles * padded_blocks * 512, 0);  // per 16 rows and 32 columns: [pair][row][2]
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++)
-            pairs[((m / 16) * padded_blocks + k / 32) * 512 + (k % 32) / 2 * 32 + m % 16 * 2 + k % 2] = x[m * K + k];
+    // per 16 rows and 32 columns: [pair][row][2], a pair of columns as one 32-bit value
+    std::vector<uint32_t> pairs(row_tiles * padded_blocks * 256, 0);
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; m++) {
+            uint32_t* row = pairs.data() + m / 16 * padded_blocks * 256 + m % 16;
+            const uint16_t* xm = x + m * K;
+            for (int64_t k = 0; k + 1 < K; k += 2) {
+                uint32_t pair;
+                std::memcpy(&pair, xm + k, 4);
+                row[k / 32 * 256 + k % 32 / 2 * 16] = pair;
+            }
+            if (K % 2) row[(K - 1) / 32 * 256 + (K - 1) % 32 / 2 * 16] = xm[K - 1];  // the last column's pair: (x, 0)
+        }
+    });
     at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t begin, int64_t end) {
         BFloat16Tiles tiles;
         alignas(64) float sums[4][16][16];
@@ -633,7 +643,8 @@ static void bfloat16_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_
                     tail[c] = &tails[c][0][0];
                 }
             for (int64_t t = 0; t < row_tiles; t += 2) {
-                const uint16_t* xt[2] = {pairs.data() + t * padded_blocks * 512, pairs.data() + (t + 1) * padded_blocks * 512};
+                const uint16_t* xt[2] = {reinterpret_cast<const uint16_t*>(pairs.data() + t * padded_blocks * 256),
+                                         reinterpret_cast<const uint16_t*>(pairs.data() + (t + 1) * padded_blocks * 256)};
                 const int X = t + 1 < row_tiles ? 2 : 1;
                 if (A == 2 && X == 2) bfloat16_tiles<2, 2>(a, tail, K, xt, blocks);
                 else if (A == 2) bfloat16_tiles<2, 1>(a, tail, K, xt, blocks);
