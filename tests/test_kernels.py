@@ -27,7 +27,8 @@ cpu_kernels.enable()
 def isa(request, monkeypatch):
     """Each instruction set's kernels, where this CPU has it (an AVX2-only CPU skips AVX-512). The
     VNNI build differs from AVX-512's in int8 and int4, and in bfloat16 where the CPU has AVX-512's
-    bfloat16 dot products."""
+    bfloat16 dot products; AMX's from the VNNI build's in int4 from 5 rows and in bfloat16 at any
+    rows, where the CPU has its bfloat16 tiles."""
     if request.param not in ISAS:
         pytest.skip(f"this CPU has no {request.param}")
     monkeypatch.setattr(cpu_kernels, "isa", request.param)
