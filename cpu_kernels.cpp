@@ -546,8 +546,8 @@ struct BFloat16Pairs {
 // products in the instruction's one order, block of columns after block, whatever rows share the
 // tile, so a row gets the same bits at any row count; x's missing rows and columns are zeros. It
 // costs about what one row costs until many rows: 8192 x 2048 from memory on a 2-core Xeon, one
-// thread, M = 1 / 7 / 16 / 64, GB/s: the dot products 13.4 / 8.9 / 4.9 / 1.4, the tiles 13.6 / 13.4 /
-// 13.0 / 9.0. Tiles 0-1: two tiles of channels, 2-3: two of rows, 4-7: their four products' sums.
+// thread, M = 1 / 7 / 16 / 64, GB/s: the dot products 13.4 / 8.9 / 4.9 / 1.4, the tiles 13.9 / 13.1 /
+// 12.9 / 7.7. Tiles 0-1: two tiles of channels, 2-3: two of rows, 4-7: their four products' sums.
 struct BFloat16Tiles {
     BFloat16Tiles() {
         struct {
