@@ -561,6 +561,23 @@ struct BFloat16Tiles {
     ~BFloat16Tiles() { _tile_release(); }
 };
 
+// One block of 32 columns: channel tiles a[0 .. A) (rows `stride` bytes apart) times row tiles x[0 ..
+// X), added to tiles 4 + 2 * h + c.
+template <int A, int X>
+static inline void bfloat16_block(const uint16_t* a0, const uint16_t* a1, int64_t stride, const uint16_t* x0,
+                                  const uint16_t* x1) {
+    _tile_loadd(0, a0, stride);
+    if (A > 1) _tile_loadd(1, a1, stride);
+    _tile_loadd(2, x0, 64);
+    _tile_dpbf16ps(4, 0, 2);
+    if (A > 1) _tile_dpbf16ps(5, 1, 2);
+    if (X > 1) {
+        _tile_loadd(3, x1, 64);
+        _tile_dpbf16ps(6, 0, 3);
+        if (A > 1) _tile_dpbf16ps(7, 1, 3);
+    }
+}
+
 // The sums of channel tiles a[0 .. A) (each 16 rows of `stride` columns; `tail`: the last, partial
 // block of 32 columns, zero-padded, 16 x 32) with row tiles x[0 .. X) (pairs laid out per block of
 // 32 columns, 512 values each) over `blocks` whole blocks, into tiles 4 + 2 * h + c.
@@ -576,29 +593,9 @@ static inline void bfloat16_tiles(const uint16_t* const* a, const uint16_t* cons
             const uint16_t* p = at < stride ? a[c] + at : a[c] + 16 * A * stride + (at - stride);
             for (int r = 0; r < 16; r++) _mm_prefetch(reinterpret_cast<const char*>(p + r * stride), _MM_HINT_T0);
         }
-        _tile_loadd(0, a[0] + b * 32, stride * 2);
-        if (A > 1) _tile_loadd(1, a[1] + b * 32, stride * 2);
-        _tile_loadd(2, x[0] + b * 512, 64);
-        _tile_dpbf16ps(4, 0, 2);
-        if (A > 1) _tile_dpbf16ps(5, 1, 2);
-        if (X > 1) {
-            _tile_loadd(3, x[1] + b * 512, 64);
-            _tile_dpbf16ps(6, 0, 3);
-            if (A > 1) _tile_dpbf16ps(7, 1, 3);
-        }
+        bfloat16_block<A, X>(a[0] + b * 32, a[1] + b * 32, stride * 2, x[0] + b * 512, x[1] + b * 512);
     }
-    if (tail[0]) {
-        _tile_loadd(0, tail[0], 64);
-        if (A > 1) _tile_loadd(1, tail[1], 64);
-        _tile_loadd(2, x[0] + blocks * 512, 64);
-        _tile_dpbf16ps(4, 0, 2);
-        if (A > 1) _tile_dpbf16ps(5, 1, 2);
-        if (X > 1) {
-            _tile_loadd(3, x[1] + blocks * 512, 64);
-            _tile_dpbf16ps(6, 0, 3);
-            if (A > 1) _tile_dpbf16ps(7, 1, 3);
-        }
-    }
+    if (tail[0]) bfloat16_block<A, X>(tail[0], tail[1], 64, x[0] + blocks * 512, x[1] + blocks * 512);
 }
 
 // x (M, K) bfloat16 against weight (N, K) on the tiles; threads take 32 channels at a time.
