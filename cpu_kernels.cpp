@@ -399,6 +399,24 @@ static void over_tiles(int64_t M, int64_t N, const Add& add, const Finish& finis
     });
 }
 
+#if VNNI || BF16
+// AMX's tile registers, configured for this thread while it lives (palette 1): tile i (0-7) holds
+// rows(i) rows of colsb(i) bytes.
+struct AmxTiles {
+    template <class Rows, class Bytes>
+    AmxTiles(const Rows& rows, const Bytes& colsb) {
+        struct {
+            uint8_t palette = 1, start_row = 0, reserved[14] = {};
+            uint16_t colsb[16] = {};
+            uint8_t rows[16] = {};
+        } config;
+        for (int i = 0; i < 8; i++) config.rows[i] = uint8_t(rows(i)), config.colsb[i] = uint16_t(colsb(i));
+        _tile_loadconfig(&config);
+    }
+    ~AmxTiles() { _tile_release(); }
+};
+#endif
+
 #if !VNNI
 // Each float kind of weight: load(n, k) gives STEP weights of channel n from column k as a vector
 // operand, madd(x, w, sums) adds their products with x's (Input, as load_x reads it) to LANES float32
@@ -548,19 +566,6 @@ struct BFloat16Pairs {
 // costs about what one row costs until many rows: 8192 x 2048 from memory on a 2-core Xeon, one
 // thread, M = 1 / 7 / 16 / 64, GB/s: the dot products 13.4 / 8.9 / 4.9 / 1.4, the tiles 13.9 / 13.1 /
 // 12.9 / 7.7. Tiles 0-1: two tiles of channels, 2-3: two of rows, 4-7: their four products' sums.
-struct BFloat16Tiles {
-    BFloat16Tiles() {
-        struct {
-            uint8_t palette = 1, start_row = 0, reserved[14] = {};
-            uint16_t colsb[16] = {};
-            uint8_t rows[16] = {};
-        } config;
-        for (int i = 0; i < 8; i++) config.rows[i] = 16, config.colsb[i] = 64;
-        _tile_loadconfig(&config);
-    }
-    ~BFloat16Tiles() { _tile_release(); }
-};
-
 // One block of 32 columns: channel tiles a[0 .. A) (rows `stride` bytes apart) times row tiles x[0 ..
 // X), added to tiles 4 + 2 * h + c.
 template <int A, int X>
@@ -616,7 +621,7 @@ static void bfloat16_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_
         }
     });
     at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t begin, int64_t end) {
-        BFloat16Tiles tiles;
+        AmxTiles tiles([](int) { return 16; }, [](int) { return 64; });
         alignas(64) float sums[4][16][16];
         alignas(64) uint16_t tails[2][16][32];
         std::vector<uint16_t> missing;  // a last tile of fewer than 16 channels, padded with zero rows
@@ -807,20 +812,10 @@ static inline void int4_tile(const Int4Product& p, int64_t t, int64_t m0, int64_
 constexpr int64_t AMX_ROWS = 5;
 static inline int64_t amx_rows(int64_t M) { return M <= 8 ? 8 : 16; }
 
-struct AmxTiles {
-    explicit AmxTiles(int64_t M) {
-        struct {
-            uint8_t palette = 1, start_row = 0, reserved[14] = {};
-            uint16_t colsb[16] = {};
-            uint8_t rows[16] = {};
-        } config;
-        for (int i = 0; i < 8; i++) {
-            config.rows[i] = i < 6 ? uint8_t(amx_rows(M)) : 8;
-            config.colsb[i] = i == 4 || i == 5 ? SPAN : 64;
-        }
-        _tile_loadconfig(&config);
-    }
-    ~AmxTiles() { _tile_release(); }
+struct Int4Tiles : AmxTiles {
+    explicit Int4Tiles(int64_t M)
+        : AmxTiles([M](int i) { return i < 6 ? amx_rows(M) : 8; },
+                   [](int i) { return i == 4 || i == 5 ? SPAN : 64; }) {}
 };
 
 // Rows [m0, m0 + R) of tile t, over all of K; their sums added to sums[0 .. rows).
@@ -915,7 +910,7 @@ static void run_int4(const at::Tensor& x, const at::Tensor& weight, int64_t grou
             if (symmetric) int4_tile_amx<true>(p, n0 / TILE_CHANNELS, m0, rows, R, sums);
             else int4_tile_amx<false>(p, n0 / TILE_CHANNELS, m0, rows, R, sums);
         };
-        over_tiles<TILE_CHANNELS, TILE_VECS, AmxTiles>(M, N, add, finish);
+        over_tiles<TILE_CHANNELS, TILE_VECS, Int4Tiles>(M, N, add, finish);
         return;
     }
 #endif

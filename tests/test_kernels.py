@@ -310,8 +310,8 @@ def test_int8_int4_and_bfloat16_read_nothing_past_their_weights():
     """The last block of 128 columns may be partly padding and the last tile of 16 channels partly
     missing channels: int4 K = 352, 320, 192 and N = 37, 5, 3, 6, through 3 and 9 rows; int8 K = 100,
     352, 256 and N = 37, 5, 6, through 3 rows; bfloat16 (AMX's tiles: 32 columns a block, 16
-    channels a tile) the same shapes through 3 and 17 rows. With the weights ending where an unreadable page
-    begins, a read past them ends the process (SIGSEGV)."""
+    channels a tile) the same shapes through 3 and 17 rows. With the weights ending where an
+    unreadable page begins, a read past them ends the process (SIGSEGV)."""
     proc = subprocess.run([sys.executable, "-c", GUARDED, *ISAS], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0 and "read nothing past the weights" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
