@@ -42,14 +42,20 @@ static inline int64_t int4_channel_bytes(int64_t K, int64_t group, bool symmetri
     return blocks * (BLOCK / 2 + (symmetric ? 2 : 4) * pairs);
 }
 
-// How far ahead prefetch_row asks for a tile's weight rows, and into which cache, differs by maker:
-// measured on 8192 x 2048 from memory, M = 1 / 7, GB/s. A 2-core AMD EPYC (family 25) read float32 at
-// 20-22 / 15 on two threads (12-14 / 8 on one) asking 1 KB along each row into L1, at 28-38 / 22-25
-// (17-21 / 13-15) asking 4 KB along each row into L2; bfloat16 at one row gained as much. A 2-core
-// Xeon gained from L1 at 1 KB (the comments at Float32Weight).
-static const bool rows_into_l2 = [] {
+// How far ahead prefetch_row asks for a tile's weight rows, and into which cache, differs by CPU:
+// measured on 8192 x 2048 from memory, M = 1 / 7, GB/s. A 2-core AMD EPYC with AVX-512 (family 25,
+// model 17) read float32 at 20-22 / 15 on two threads (12-14 / 8 on one) asking 1 KB along each row
+// into L1, at 28-38 / 22-25 (17-21 / 13-15) asking 4 KB along each row into L2; bfloat16 at one row
+// gained as much. A 2-core AMD EPYC without it (AVX2 only, family 25, model 1) read float32 fastest
+// asking for nothing: two threads, one row, 8192 x 2048 / 2048 x 8192 / 128256 x 2048, two rounds:
+// 29.7, 29.6 / 29.4, 34.5 / 29.1, 28.6 against 20.7, 22.7 / 22.1, 25.2 / 22.4, 20.7 into L2 and
+// 24.6, 23.7 / 24.8, 28.2 / 25.1, 22.9 into L1. A 2-core Xeon gained from L1 at 1 KB (the comments
+// at Float32Weight).
+enum RowsAhead { INTO_L1, INTO_L2, NOT_ASKED };
+static const RowsAhead rows_ahead = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_is("amd") != 0;
+    if (!__builtin_cpu_is("amd")) return INTO_L1;
+    return __builtin_cpu_supports("avx512f") ? INTO_L2 : NOT_ASKED;
 }();
 
 #define BF16 0
@@ -363,13 +369,14 @@ static inline void prefetch(const void* p, int64_t bytes) {  // the cache lines 
 
 // For weights read as they are, (N, K): a tile reads its CHANNELS rows side by side, so what it reads
 // PREFETCH bytes later lies PREFETCH / CHANNELS bytes further along each row or, near the rows' end,
-// in the thread's next tile; into L2 (rows_into_l2, a template argument so that the inner loops keep
+// in the thread's next tile; into L2 (rows_ahead, a template argument so that the inner loops keep
 // no branch), it asks for what it reads CHANNELS times later than that. `row`: a channel's row, k: the
 // column read now; `bytes` from there.
-template <bool into_l2, class T>
+template <RowsAhead where, class T>
 static inline void prefetch_row(const T* row, int64_t k, int64_t K, int64_t bytes) {
-    const int64_t ahead = k + (into_l2 ? PREFETCH : PREFETCH / CHANNELS) / int64_t(sizeof(T));
-    prefetch<into_l2 ? _MM_HINT_T1 : _MM_HINT_T0>(ahead < K ? row + ahead : row + (CHANNELS - 1) * K + ahead, bytes);
+    if (where == NOT_ASKED) return;
+    const int64_t ahead = k + (where == INTO_L2 ? PREFETCH : PREFETCH / CHANNELS) / int64_t(sizeof(T));
+    prefetch<where == INTO_L2 ? _MM_HINT_T1 : _MM_HINT_T0>(ahead < K ? row + ahead : row + (CHANNELS - 1) * K + ahead, bytes);
 }
 
 struct NoThreadState {
@@ -495,7 +502,7 @@ static inline void tile_channels(const Weight& wt, const typename Weight::Input*
 // from memory: 1 KB 130 / 255, 512 bytes 108 / 222, 4 KB 149 / 301 GFLOP/s on one / two threads).
 static inline int64_t column_block_bytes(int64_t M) { return M > ROW_BLOCK ? 4096 : 1024; }
 
-template <bool into_l2, class Weight>
+template <RowsAhead where, class Weight>
 static void linear(const Weight& wt, const typename Weight::Input* x, int64_t M, int64_t K, int64_t N, float* y) {
     static_assert(CHANNELS == 4, "tile_channels covers 1 to 4 channels");
     const int64_t full = K - K % Weight::STEP, columns = column_block_bytes(M) / int64_t(sizeof(*wt.w));
@@ -511,7 +518,7 @@ static void linear(const Weight& wt, const typename Weight::Input* x, int64_t M,
         // products take it, and only where rows are asked for into L2 (AMD): a 2-core Xeon (AVX-512
         // BF16, AMX) read model (a)'s 21 weights in turn faster with the walk and its asks into L1,
         // one / two threads 14.4 / 27.3 -> 14.8 / 28.9 GB/s. The sums add in the same order.
-        if (into_l2 && Weight::one_row_in_one_stream && M == 1 && K * int64_t(sizeof(*wt.w)) <= 8192) {
+        if (where == INTO_L2 && Weight::one_row_in_one_stream && M == 1 && K * int64_t(sizeof(*wt.w)) <= 8192) {
             for (int c = 0; c < channels; c++)  // channel c alone: a tile of one row and one channel, its sum sums[0][c]
                 tile<1, 1>(wt, xb, K, 0, full, n0 + c, reinterpret_cast<vec (*)[CHANNELS]>(&sums[0][c]));
             return;
@@ -521,7 +528,7 @@ static void linear(const Weight& wt, const typename Weight::Input* x, int64_t M,
             // Asking for the rows ahead paid on a 2-core Xeon: float32 at 7 rows 18.6-19.8 -> 20.0-20.8 GB/s
             // on two threads, 9.3-9.5 -> 10.4-10.6 on one (one row unchanged); bfloat16 (converted to
             // float32), two threads, M = 1 / 7: 23.0 / 16.9 -> 24.2 / 18.5
-            for (int c = 0; c < channels; c++) prefetch_row<into_l2>(wt.w + (n0 + c) * K, k0, K, (k1 - k0) * sizeof(*wt.w));
+            for (int c = 0; c < channels; c++) prefetch_row<where>(wt.w + (n0 + c) * K, k0, K, (k1 - k0) * sizeof(*wt.w));
             int64_t m = 0;
             for (; m + ROWS <= rows; m += ROWS) tile_channels<ROWS>(wt, xb + m * K, K, k0, k1, n0, channels, sums + m);
             switch (rows - m) {  // the last rows in one tile too: each weight vector is converted once per
@@ -539,6 +546,16 @@ static void linear(const Weight& wt, const typename Weight::Input* x, int64_t M,
             y[m * N + n] = s;
         }
     });
+}
+
+// linear with the weight rows asked for ahead as this CPU reads them fastest (rows_ahead)
+template <class Weight>
+static void linear_on_this_cpu(const Weight& wt, const typename Weight::Input* x, int64_t M, int64_t K, int64_t N, float* y) {
+    switch (rows_ahead) {
+        case INTO_L2: return linear<INTO_L2>(wt, x, M, K, N, y);
+        case NOT_ASKED: return linear<NOT_ASKED>(wt, x, M, K, N, y);
+        default: return linear<INTO_L1>(wt, x, M, K, N, y);
+    }
 }
 
 #if BF16
@@ -672,7 +689,7 @@ static void run_bfloat16(const at::Tensor& x, const at::Tensor& weight, at::Tens
     float* yp = y.data_ptr<float>();
     if (amx) return bfloat16_amx(xp, w, M, K, N, yp);
     const BFloat16Pairs wt{w, K};
-    rows_into_l2 ? linear<true>(wt, xp, M, K, N, yp) : linear<false>(wt, xp, M, K, N, yp);
+    linear_on_this_cpu(wt, xp, M, K, N, yp);
 }
 #endif  // BF16
 
@@ -1002,13 +1019,13 @@ static void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
     switch (weight.scalar_type()) {
         case at::kFloat: {
             const float* xp = x.data_ptr<float>();
-            rows_into_l2 ? linear<true>(f32, xp, M, K, N, yp) : linear<false>(f32, xp, M, K, N, yp);
+            linear_on_this_cpu(f32, xp, M, K, N, yp);
             break;
         }
         case at::kBFloat16: {  // x rounded to bfloat16, as the dot-product path has it
             const at::Tensor rounded = x.to(at::kBFloat16).to(at::kFloat);
             const float* xp = rounded.data_ptr<float>();
-            rows_into_l2 ? linear<true>(bf16, xp, M, K, N, yp) : linear<false>(bf16, xp, M, K, N, yp);
+            linear_on_this_cpu(bf16, xp, M, K, N, yp);
             break;
         }
         default: scales.defined() ? run_int8(x, weight, scales, y) : run_int4(x, weight, group, y);
