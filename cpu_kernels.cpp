@@ -238,7 +238,7 @@ static inline float vsum(vec a) {
     q = _mm_add_ss(q, _mm_movehdup_ps(q));
     return _mm_cvtss_f32(q);
 }
-constexpr int ROWS = 4;  // 16 accumulators + 4 weight vectors + 1 input vector of 32 registers
+constexpr int ROWS = 4;  // 16 accumulators + 4 input vectors + 1 weight vector of 32 registers
 
 typedef __m512i ivec;
 static inline ivec iload(const void* p) { return _mm512_loadu_si512(p); }
@@ -307,7 +307,7 @@ static inline float vsum(vec a) {
     q = _mm_add_ss(q, _mm_movehdup_ps(q));
     return _mm_cvtss_f32(q);
 }
-constexpr int ROWS = 2;  // 8 accumulators + 4 weight vectors + 1 input vector of 16 registers
+constexpr int ROWS = 3;  // 12 accumulators + 3 input vectors + 1 weight vector of 16 registers
 
 typedef __m256i ivec;
 static inline ivec iload(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -468,14 +468,14 @@ static inline void tile(const Weight& wt, const typename Weight::Input* x, int64
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = sums[r][c];
     for (int64_t k = k0; k < k1; k += Weight::STEP) {
-        typename Weight::Operand w[C];
+        typename Weight::Operand xv[R];
 #pragma GCC unroll 4
-        for (int c = 0; c < C; c++) w[c] = wt.load(n0 + c, k);
+        for (int r = 0; r < R; r++) xv[r] = Weight::load_x(x + r * K + k);
 #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) {
-            const typename Weight::Operand xv = Weight::load_x(x + r * K + k);
+        for (int c = 0; c < C; c++) {
+            const typename Weight::Operand w = wt.load(n0 + c, k);
 #pragma GCC unroll 4
-            for (int c = 0; c < C; c++) acc[r][c] = Weight::madd(xv, w[c], acc[r][c]);
+            for (int r = 0; r < R; r++) acc[r][c] = Weight::madd(xv[r], w, acc[r][c]);
         }
     }
     for (int r = 0; r < R; r++)
