@@ -515,9 +515,9 @@ static void linear(const Weight& wt, const typename Weight::Input* x, int64_t M,
         // one / two threads 22 / 40 -> 25-28 / 43-50 GB/s, the 128256-channel head 19 / 28 -> 26 / 32,
         // 14336 x 4096 18.5 / 30.8 -> 20.2 / 32.1. Longer rows lose (4096 x 8192 on two threads
         // 33 -> 26) and so do 3 or more rows; float32 gained nothing, so only the bfloat16 dot
-        // products take it, and only where rows are asked for into L2 (AMD): a 2-core Xeon (AVX-512
-        // BF16, AMX) read model (a)'s 21 weights in turn faster with the walk and its asks into L1,
-        // one / two threads 14.4 / 27.3 -> 14.8 / 28.9 GB/s. The sums add in the same order.
+        // products take it, and only where rows are asked for into L2 (AMD with AVX-512): a 2-core
+        // Xeon (AVX-512 BF16, AMX) read model (a)'s 21 weights in turn faster with the walk and its
+        // asks into L1, one / two threads 14.4 / 27.3 -> 14.8 / 28.9 GB/s. The sums add in the same order.
         if (where == INTO_L2 && Weight::one_row_in_one_stream && M == 1 && K * int64_t(sizeof(*wt.w)) <= 8192) {
             for (int c = 0; c < channels; c++)  // channel c alone: a tile of one row and one channel, its sum sums[0][c]
                 tile<1, 1>(wt, xb, K, 0, full, n0 + c, reinterpret_cast<vec (*)[CHANNELS]>(&sums[0][c]));
