@@ -146,9 +146,9 @@ int64_t supported_isa() {
 
 // x (M, K) float32; weight (N, K) float32 / bfloat16, int8 codes packed by cpu_kernels.pack_int8 (uint8)
 // with scales (N,) float32, or int4 codes and scales packed by cpu_kernels.pack_int4 (uint8, no
-// scales). Returns (M, N) float32.
+// scales). `prompt`: the rows are a prompt's (cpu_kernels.prompt_pass). Returns (M, N) float32.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales,
-                  int64_t group, int64_t isa) {
+                  int64_t group, int64_t isa, bool prompt) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous (M, K) float32");
     TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight: contiguous (N, K)");
     TORCH_CHECK(isa >= 1 && isa <= supported_isa(), "instruction set ", isa, " is not available on this CPU");
@@ -184,6 +184,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     else if (isa >= 3 && kind == at::kBFloat16 && bfloat16_dot)
         avx512_bf16::run_bfloat16(x, weight, y, isa == 4 && amx_bfloat16());
     else if (isa >= 2) avx512::run(x, weight, s, group, y);
+    else if (prompt && (kind != at::kByte || scales)) avx2::run_prompt(x, weight, s, y);
     else avx2::run(x, weight, s, group, y);
     return y;
 }
@@ -207,7 +208,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 TORCH_LIBRARY(layerskip, m) {
-    m.def("linear(Tensor x, Tensor weight, Tensor? scales, int group, int isa) -> Tensor");
+    m.def("linear(Tensor x, Tensor weight, Tensor? scales, int group, int isa, bool prompt) -> Tensor");
     m.def("attention(Tensor q, Tensor k, Tensor v, Tensor input_pos, int isa) -> Tensor");
 }
 
@@ -1011,6 +1012,157 @@ static void run_int8(const at::Tensor& x, const at::Tensor& weight, const at::Te
 #endif  // !BF16
 
 #if !VNNI && !BF16
+
+#if LANES == 8
+// A prompt's float32, bfloat16 and int8 products on AVX2 (cpu_kernels.prompt_pass), in the layout of
+// a matrix product rather than of dot products: a tile's 16 rows of x sit side by side in the lanes of
+// two vectors, each weight is broadcast to a vector and multiplied with all 16, and a tile of
+// PROMPT_TILE channels holds its 12 sums in registers. x, laid out in panels of 16 rows once per
+// product, stays in L1 while a block of PROMPT_CHANNELS weight rows (in L2) passes over it; the dot
+// products' tiles read 3 rows of x from L2 for every 4 channels and peaked at two thirds of a core's
+// FMA rate (a 2-core AMD EPYC without AVX-512, 136 x 2048 by 8192 channels, one thread: 62-64 ->
+// 77-83 GFLOP/s in a standalone harness, the FMA's peak 102). Each sum adds its products one column
+// after the other, so a row's result does not depend on the rows beside it, nor on M (every prompt
+// takes this path, whatever its length); it differs in its last bits from the steps' dot products,
+// which sum in LANES chains.
+constexpr int64_t PROMPT_ROWS = 2 * LANES, PROMPT_COLUMNS = 256, PROMPT_CHANNELS = 96;
+constexpr int PROMPT_TILE = 6;  // 12 sums + 2 vectors of x + 1 broadcast weight of 16 registers
+
+// Columns [0, columns) of C channels (rows `ldw` apart, from column 0 of w) against H vectors of a
+// panel of x (PROMPT_ROWS values a column, from its column 0), added to the vector at sums[(c * H + h) * LANES].
+template <int C, int H>
+static inline void prompt_tile(const float* w, int64_t ldw, const float* panel, int64_t columns, float* sums) {
+    vec acc[C][H];
+    for (int c = 0; c < C; c++)
+        for (int h = 0; h < H; h++) acc[c][h] = vload(sums + (c * H + h) * LANES);
+    for (int64_t k = 0; k < columns; k++) {
+        vec xv[H];
+        for (int h = 0; h < H; h++) xv[h] = vload(panel + k * PROMPT_ROWS + h * LANES);
+#pragma GCC unroll 6
+        for (int c = 0; c < C; c++) {
+            const vec b = vset1(w[c * ldw + k]);
+            for (int h = 0; h < H; h++) acc[c][h] = vfma(b, xv[h], acc[c][h]);
+        }
+    }
+    for (int c = 0; c < C; c++)
+        for (int h = 0; h < H; h++) vstore(sums + (c * H + h) * LANES, acc[c][h]);
+}
+
+template <int H>
+static inline void prompt_tiles(const float* w, int64_t ldw, int channels, const float* panel, int64_t columns, float* sums) {
+    for (int c = 0; c < channels; c += PROMPT_TILE, w += PROMPT_TILE * ldw, sums += PROMPT_TILE * H * LANES) {
+        switch (std::min(PROMPT_TILE, channels - c)) {
+            case 6: prompt_tile<6, H>(w, ldw, panel, columns, sums); break;
+            case 5: prompt_tile<5, H>(w, ldw, panel, columns, sums); break;
+            case 4: prompt_tile<4, H>(w, ldw, panel, columns, sums); break;
+            case 3: prompt_tile<3, H>(w, ldw, panel, columns, sums); break;
+            case 2: prompt_tile<2, H>(w, ldw, panel, columns, sums); break;
+            default: prompt_tile<1, H>(w, ldw, panel, columns, sums); break;
+        }
+    }
+}
+
+// x (M, K) float32 against N weight rows: read(n0, channels, k0, columns, buffer, ldw) gives columns
+// [k0, k0 + columns) of weight rows [n0, n0 + channels) as float32, rows ldw apart: the weight's own
+// (float32) or written to `buffer`, which holds a block, PROMPT_COLUMNS apart (ldw as given). Each
+// block is read once, then used by every panel of x. Row m's sum of channel n, times scales[n] where
+// given, is y[m, n].
+template <class Read>
+static void prompt_linear(const float* x, int64_t M, int64_t K, int64_t N, const Read& read, const float* scales, float* y) {
+    const int64_t panels = (M + PROMPT_ROWS - 1) / PROMPT_ROWS;
+    std::vector<float> xt(panels * K * PROMPT_ROWS, 0.f);  // panel p: [k][PROMPT_ROWS], rows past M zero
+    at::parallel_for(0, M, PROMPT_ROWS, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; m++) {
+            float* panel = xt.data() + m / PROMPT_ROWS * K * PROMPT_ROWS + m % PROMPT_ROWS;
+            for (int64_t k = 0; k < K; k++) panel[k * PROMPT_ROWS] = x[m * K + k];
+        }
+    });
+    at::parallel_for(0, (N + PROMPT_CHANNELS - 1) / PROMPT_CHANNELS, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> sums(panels * PROMPT_CHANNELS * PROMPT_ROWS);  // panel p: from (p * PROMPT_CHANNELS) * PROMPT_ROWS
+        std::vector<float> buffer(PROMPT_CHANNELS * PROMPT_COLUMNS);
+        for (int64_t b = begin; b < end; b++) {
+            const int64_t n0 = b * PROMPT_CHANNELS;
+            const int channels = int(std::min(PROMPT_CHANNELS, N - n0));
+            std::fill(sums.begin(), sums.end(), 0.f);
+            for (int64_t k0 = 0; k0 < K; k0 += PROMPT_COLUMNS) {
+                const int64_t columns = std::min(PROMPT_COLUMNS, K - k0);
+                int64_t ldw = PROMPT_COLUMNS;
+                const float* wb = read(n0, channels, k0, columns, buffer.data(), ldw);
+                for (int64_t p = 0; p < panels; p++) {
+                    const float* panel = xt.data() + (p * K + k0) * PROMPT_ROWS;
+                    float* s = sums.data() + p * PROMPT_CHANNELS * PROMPT_ROWS;
+                    if (M - p * PROMPT_ROWS > LANES) prompt_tiles<2>(wb, ldw, channels, panel, columns, s);
+                    else prompt_tiles<1>(wb, ldw, channels, panel, columns, s);  // a last panel of LANES rows or fewer
+                }
+            }
+            for (int64_t p = 0; p < panels; p++) {
+                const int H = M - p * PROMPT_ROWS > LANES ? 2 : 1;
+                for (int c = 0; c < channels; c++) {  // channel c's H vectors, as prompt_tiles lays them out
+                    const float* lanes = sums.data() + p * PROMPT_CHANNELS * PROMPT_ROWS + c * H * LANES;
+                    const float scale = scales ? scales[n0 + c] : 1.f;
+                    for (int64_t m = p * PROMPT_ROWS; m < std::min(M, (p + 1) * PROMPT_ROWS); m++)
+                        y[m * N + n0 + c] = scales ? lanes[m - p * PROMPT_ROWS] * scale : lanes[m - p * PROMPT_ROWS];
+                }
+            }
+        }
+    });
+}
+
+// A prompt's product of float32, bfloat16 or int8 weights (the caller's test: cpu_kernels.prompt_pass).
+// bfloat16 meets x rounded to bfloat16, as in run. int8 meets x as it is, not rounded to 8 bits (as a
+// prompt's int8 layers on CUDA take cuBLAS's product of the cast weight): the codes as floats, whose
+// sums are scaled once, per channel.
+static void run_prompt(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, at::Tensor& y) {
+    const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+    float* yp = y.data_ptr<float>();
+    switch (weight.scalar_type()) {
+        case at::kFloat: {
+            const float* w = static_cast<const float*>(weight.data_ptr());
+            auto read = [&](int64_t n0, int, int64_t k0, int64_t, float*, int64_t& ldw) { return ldw = K, w + n0 * K + k0; };
+            return prompt_linear(x.data_ptr<float>(), M, K, N, read, nullptr, yp);
+        }
+        case at::kBFloat16: {
+            const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+            auto read = [&](int64_t n0, int channels, int64_t k0, int64_t columns, float* buffer, int64_t&) {
+                for (int c = 0; c < channels; c++) {
+                    const uint16_t* row = w + (n0 + c) * K + k0;
+                    float* out = buffer + c * PROMPT_COLUMNS;
+                    int64_t k = 0;
+                    for (; k + LANES <= columns; k += LANES) vstore(out + k, vload_bf16(row + k));
+                    for (; k < columns; k++) out[k] = bfloat16_value(row[k]);
+                }
+                return static_cast<const float*>(buffer);
+            };
+            const at::Tensor rounded = x.to(at::kBFloat16).to(at::kFloat);
+            return prompt_linear(rounded.data_ptr<float>(), M, K, N, read, nullptr, yp);
+        }
+        default: {  // int8 in pack_int8's layout: a block holds whole tiles of channels and blocks of columns
+            static_assert(PROMPT_CHANNELS % TILE_CHANNELS == 0 && PROMPT_COLUMNS % BLOCK == 0, "whole packed blocks");
+            const uint8_t* w = static_cast<const uint8_t*>(weight.data_ptr());
+            const int64_t blocks = (K + BLOCK - 1) / BLOCK;
+            auto read = [&](int64_t n0, int channels, int64_t k0, int64_t columns, float* buffer, int64_t&) {
+                for (int64_t t = 0; t < (channels + TILE_CHANNELS - 1) / TILE_CHANNELS; t++)
+                    for (int64_t kb = 0; kb < columns; kb += SPAN) {  // span kb of the block: 8 rows of 4 columns of 16 channels
+                        const uint8_t* span = w + (((n0 / TILE_CHANNELS + t) * blocks + (k0 + kb) / BLOCK) * BLOCK +
+                                                   (k0 + kb) % BLOCK) * TILE_CHANNELS;
+                        for (int c = 0; c < TILE_CHANNELS; c++) {
+                            alignas(32) uint8_t codes[SPAN];
+                            for (int i = 0; i < 8; i++) std::memcpy(codes + 4 * i, span + 64 * i + 4 * c, 4);
+                            float* out = buffer + (t * TILE_CHANNELS + c) * PROMPT_COLUMNS + kb;
+                            for (int j = 0; j < SPAN; j += LANES) {  // code + 128 as a byte: the code
+                                const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j));
+                                vstore(out + j, vcvt(minus(_mm256_cvtepu8_epi32(bytes), 128)));
+                            }
+                        }
+                    }
+                return static_cast<const float*>(buffer);
+            };
+            return prompt_linear(x.data_ptr<float>(), M, K, N, read, scales.data_ptr<float>(), yp);
+        }
+    }
+}
+#endif  // LANES == 8
+
 static void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group, at::Tensor& y) {
     const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
     float* yp = y.data_ptr<float>();

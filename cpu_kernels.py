@@ -83,7 +83,7 @@ def enable(force: Optional[str] = None) -> str:
     return isa
 
 
-def output_shape(x: Tensor, weight: Tensor, scales: Optional[Tensor], group: int, isa: int) -> Tensor:
+def output_shape(x: Tensor, weight: Tensor, scales: Optional[Tensor], group: int, isa: int, prompt: bool) -> Tensor:
     """What torch.compile traces in place of the op."""
     return x.new_empty(x.shape[0], weight.shape[0])
 
@@ -101,14 +101,16 @@ def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, group: in
     meets x rounded to bfloat16, int8 and int4 x rounded to 8 bits per block of 32 columns. Returns
     (..., N) in x's dtype. The sums are float32."""
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-    out = torch.ops.layerskip.linear(rows, weight, scales, group, ISAS[isa])
+    out = torch.ops.layerskip.linear(rows, weight, scales, group, ISAS[isa], eager_prompt())
     return out.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
 @contextmanager
 def prompt_pass() -> Iterator[None]:
     """The products inside are a prompt's pass (eager only: a compiled prefill keeps the kernels), where
-    CUDA's int8 layers take cuBLAS's product of the cast weight (model.Int8Linear)."""
+    CUDA's int8 layers take cuBLAS's product of the cast weight (model.Int8Linear) and, on AVX2, the
+    float32, bfloat16 and int8 layers the kernels' prompt product (int8 with x as it is, not rounded
+    to 8 bits)."""
     global in_prompt
     before, in_prompt = in_prompt, True
     try:

@@ -2,6 +2,8 @@
 against a float64 product of the same weights, a row's result independent of the rows beside it,
 the layers running them (and PyTorch's kernels where they cannot be built), and exact greedy
 self-speculation through them on quantized files, batched."""
+import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -68,7 +70,9 @@ def rounded_reference(x: torch.Tensor, w: torch.Tensor, zero: torch.Tensor) -> t
     in float32) against code * scale, and x as it is against the shifted zero."""
     blocks = torch.nn.functional.pad(x, (0, -x.shape[1] % 32)).view(x.shape[0], -1, 32)
     most = blocks.abs().amax(-1, keepdim=True)
-    q = torch.round(blocks * torch.where(most > 0, 127 / most, 0))
+    # the kernels' quotient 127 / max |x|; PyTorch's `127 / most` is most's reciprocal times 127, a
+    # last bit off now and then, which moved a code at a tie
+    q = torch.round(blocks * torch.where(most > 0, torch.full_like(most, 127) / most, 0))
     rounded = (q * (most / 127)).flatten(1)[:, :x.shape[1]].double()
     return rounded @ (w - zero).t() + x.double() @ zero.t()
 
@@ -79,8 +83,12 @@ def test_each_kernel_equals_a_float64_product_of_its_weights(isa, kind):
     input columns a multiple of the vector (512) and, but for int4 (whole groups), not (100: a scalar
     tail for the float kinds, a span of 32 only partly in K for int8); for int8 and int4, columns
     that end in part of a block of 128 (352: 3 of its 4 spans of 32; 320: 2, for groups of 64);
-    every row count of ROWS, which are and are not multiples of the row tiles (4 rows on AVX-512, 2
-    on AVX2; AMX's tiles of 8 and 16 rows, from 5 rows).
+    every row count of ROWS, which are and are not multiples of the row tiles (4 rows on AVX-512, 3
+    on AVX2; AMX's tiles of 8 and 16 rows, from 5 rows), each once as a step's rows and once as a
+    prompt's (prompt_pass: on AVX2 the float kinds take panels of 16 rows, the last one of 8 or
+    fewer in one vector, by tiles of 6 channels, in blocks of 96 channels and 256 columns; 197 x 300
+    gives them three blocks of channels, the last partial, and two of columns; int8 takes them too,
+    with x as it is, 8 bits only in its steps).
     bfloat16 is held to the product of x rounded to bfloat16, int8 and int4 to that of x rounded to
     8 bits as the kernels round it (rounded_reference), int4 with the float16 scales and zeros it is
     packed with.
@@ -89,32 +97,39 @@ def test_each_kernel_equals_a_float64_product_of_its_weights(isa, kind):
     Tolerance: 1e-5 of sum |x| |w| per output (float32 accumulation over at most 1100 products
     rounds to ~1e-6 of it; a wrong or missing term is of the order of the output itself)."""
     torch.manual_seed(0)
-    for out_features, in_features in ((64, 512), (37, 512), (37, 100), (37, 352), (37, 320), (37, 1100)):
+    shapes = [(64, 512), (37, 512), (37, 100), (37, 352), (37, 320), (37, 1100)]
+    for out_features, in_features in shapes + ([(197, 300)] if kind in ("float32", "bfloat16", "int8") else []):
         if kind.startswith("int4") and in_features % int(kind.split()[1].removeprefix("g")):
             continue
         w, args, zero = kernel_weights(kind, out_features, in_features)
-        for rows in ROWS:
+        for rows, prompt in itertools.product(ROWS, (False, True)):
             x = torch.randn(rows, in_features)
-            got = cpu_kernels.linear(x, *args)
-            expected = (rounded_reference(x, w, zero) if kind.startswith("int") else
+            with cpu_kernels.prompt_pass() if prompt else contextlib.nullcontext():
+                got = cpu_kernels.linear(x, *args)
+            as_it_is = prompt and isa == "avx2" and kind == "int8"  # AVX2's prompt product takes x unrounded
+            expected = (rounded_reference(x, w, zero) if kind.startswith("int") and not as_it_is else
                         x.bfloat16().double() @ w.t() if kind == "bfloat16" else x.double() @ w.t())
             bound = 1e-5 * (x.double().abs() @ w.abs().t())
             assert got.dtype == torch.float32 and got.shape == (rows, out_features)
-            assert ((got.double() - expected).abs() <= bound).all(), (kind, out_features, in_features, rows)
+            assert ((got.double() - expected).abs() <= bound).all(), (kind, out_features, in_features, rows, prompt)
 
 
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8", "int4 g32", "int4 g32 symmetric"])
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(isa, kind):
     """Bit for bit: each of 70 rows computed alone, in its row tile and in the whole, so that a
-    verify pass over k + 1 rows and a batch give each row what one row gives it; the whole is a
-    prompt's product (past 64 rows), which the float kinds take in longer blocks of columns."""
+    verify pass over k + 1 rows and a batch give each row what one row gives it; the whole has more
+    than 64 rows, which the float kinds take in longer blocks of columns. The same again as a
+    prompt's rows (prompt_pass), so that a prompt prefilled beside others gets what it gets alone
+    (on AVX2 the float kinds' panels of 16 rows: the 6 rows past 64 in a panel of one vector)."""
     torch.manual_seed(1)
     _, args, _ = kernel_weights(kind, 37, 1088)
     x = torch.randn(70, 1088)
-    whole = cpu_kernels.linear(x, *args)
-    alone = torch.cat([cpu_kernels.linear(x[i:i + 1], *args) for i in range(70)])
-    in_sevens = torch.cat([cpu_kernels.linear(x[i:i + 7], *args) for i in range(0, 70, 7)])
-    assert torch.equal(whole, alone) and torch.equal(whole, in_sevens)
+    for prompt in (False, True):
+        with cpu_kernels.prompt_pass() if prompt else contextlib.nullcontext():
+            whole = cpu_kernels.linear(x, *args)
+            alone = torch.cat([cpu_kernels.linear(x[i:i + 1], *args) for i in range(70)])
+            in_sevens = torch.cat([cpu_kernels.linear(x[i:i + 7], *args) for i in range(0, 70, 7)])
+        assert torch.equal(whole, alone) and torch.equal(whole, in_sevens), prompt
 
 
 def test_layers_run_the_engines_kernel_on_the_cpu_and_pytorchs_otherwise(monkeypatch):
