@@ -1,6 +1,7 @@
 """The engine's own CPU kernels (cpu_kernels.cpp), built at first use.
 
     python cpu_kernels.py   # GB/s of weight bytes of one 8192 x 2048 layer from memory, these kernels and PyTorch's
+    python cpu_kernels.py --prompt --rows 136   # the same as a prompt's pass runs them
 
 torch.ops.layerskip.linear, for float32, bfloat16, int8 (a scale per output channel) and int4 (a
 scale and a zero per group) weights and float32 activations: each block of weight rows is read from
@@ -24,14 +25,16 @@ F16C) and chosen at run time; on a CPU with AMX's tiles ("amx"), int4 products o
 on the int8 tiles, giving each row the bits the vector path gives it, and bfloat16 products of any
 rows on the bfloat16 tiles, which multiply 16 rows for about what one costs (a prompt's too: on a
 2-core Xeon as fast as PyTorch's oneDNN or faster, and a row's bits do not depend on the rows beside
-it, as oneDNN's do). Where they cannot be built (no compiler, no ninja) the model keeps PyTorch's
-kernels and one line on stderr says so. They are ops of their own, so a compiled step stays one
+it, as oneDNN's do); on AVX2 alone a prompt's float32, bfloat16 and int8 products (prompt_pass)
+take a matrix product's layout, 16 rows against each weight broadcast, at about four fifths of a
+core's multiply-add rate. Where they cannot be built (no compiler, no ninja) the model keeps
+PyTorch's kernels and one line on stderr says so. They are ops of their own, so a compiled step stays one
 graph and reads the one copy of the weights the model holds.
 """
 import logging
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -212,6 +215,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--isa", choices=list(ISAS), help="default: the best this CPU has")
     p.add_argument("--pytorch", action="store_true", help="PyTorch's kernels too")
+    p.add_argument("--prompt", action="store_true",
+                   help="the products as a prompt's pass runs them (prompt_pass): on AVX2 another layout")
     p.add_argument("--cpu_time", action="store_true",
                    help="time by the thread's CPU time, not the wall clock (one thread only): what a product costs "
                         "the core, whatever else the machine runs")
@@ -273,9 +278,10 @@ def main() -> None:
             row = []
             for M in args.rows:
                 x = torch.randn(M, K)
-                row.append(nbytes(first) / seconds(lambda: product(x, next(copies))))
+                with prompt_pass() if args.prompt else nullcontext():
+                    row.append(nbytes(first) / seconds(lambda: product(x, next(copies))))
             del copies
-            print(f"| {name} | " + " | ".join(f"{b / 1e9:.1f}" for b in row) + " |")
+            print(f"| {name} | " + " | ".join(f"{b / 1e9:.3g}" for b in row) + " |")
 
 
 if __name__ == "__main__":
