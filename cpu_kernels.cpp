@@ -1070,6 +1070,7 @@ static inline void prompt_tiles(const float* w, int64_t ldw, int channels, const
 template <class Read>
 static void prompt_linear(const float* x, int64_t M, int64_t K, int64_t N, const Read& read, const float* scales, float* y) {
     const int64_t panels = (M + PROMPT_ROWS - 1) / PROMPT_ROWS;
+    auto vectors = [M](int64_t p) { return M - p * PROMPT_ROWS > LANES ? 2 : 1; };  // a last panel of LANES rows or fewer: one
     std::vector<float> xt(panels * K * PROMPT_ROWS, 0.f);  // panel p: [k][PROMPT_ROWS], rows past M zero
     at::parallel_for(0, M, PROMPT_ROWS, [&](int64_t begin, int64_t end) {
         for (int64_t m = begin; m < end; m++) {
@@ -1091,17 +1092,16 @@ static void prompt_linear(const float* x, int64_t M, int64_t K, int64_t N, const
                 for (int64_t p = 0; p < panels; p++) {
                     const float* panel = xt.data() + (p * K + k0) * PROMPT_ROWS;
                     float* s = sums.data() + p * PROMPT_CHANNELS * PROMPT_ROWS;
-                    if (M - p * PROMPT_ROWS > LANES) prompt_tiles<2>(wb, ldw, channels, panel, columns, s);
-                    else prompt_tiles<1>(wb, ldw, channels, panel, columns, s);  // a last panel of LANES rows or fewer
+                    if (vectors(p) == 2) prompt_tiles<2>(wb, ldw, channels, panel, columns, s);
+                    else prompt_tiles<1>(wb, ldw, channels, panel, columns, s);
                 }
             }
             for (int64_t p = 0; p < panels; p++) {
-                const int H = M - p * PROMPT_ROWS > LANES ? 2 : 1;
-                for (int c = 0; c < channels; c++) {  // channel c's H vectors, as prompt_tiles lays them out
-                    const float* lanes = sums.data() + p * PROMPT_CHANNELS * PROMPT_ROWS + c * H * LANES;
-                    const float scale = scales ? scales[n0 + c] : 1.f;
+                for (int c = 0; c < channels; c++) {  // channel c's vectors, as prompt_tiles lays them out
+                    const float* lanes = sums.data() + p * PROMPT_CHANNELS * PROMPT_ROWS + c * vectors(p) * LANES;
+                    const float scale = scales ? scales[n0 + c] : 1.f;  // times 1: the sum itself, exactly
                     for (int64_t m = p * PROMPT_ROWS; m < std::min(M, (p + 1) * PROMPT_ROWS); m++)
-                        y[m * N + n0 + c] = scales ? lanes[m - p * PROMPT_ROWS] * scale : lanes[m - p * PROMPT_ROWS];
+                        y[m * N + n0 + c] = lanes[m - p * PROMPT_ROWS] * scale;
                 }
             }
         }

@@ -28,8 +28,8 @@ rows on the bfloat16 tiles, which multiply 16 rows for about what one costs (a p
 it, as oneDNN's do); on AVX2 alone a prompt's float32, bfloat16 and int8 products (prompt_pass)
 take a matrix product's layout, 16 rows against each weight broadcast, at about four fifths of a
 core's multiply-add rate. Where they cannot be built (no compiler, no ninja) the model keeps
-PyTorch's kernels and one line on stderr says so. They are ops of their own, so a compiled step stays one
-graph and reads the one copy of the weights the model holds.
+PyTorch's kernels and one line on stderr says so. They are ops of their own, so a compiled step
+stays one graph and reads the one copy of the weights the model holds.
 """
 import logging
 import sys
