@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import quantize
 import train
 from common import generate
 from conftest import ROOT
-from model import QUANTIZATION_VERSION, Int4Linear, Int8Linear, file_pages, load_model, release_pages
+from model import QUANTIZATION_VERSION, Int4Linear, Int8Linear, convert_in_place, file_pages, load_model, release_pages
 from self_spec import speculative_generate
 from test_self_spec import greedy
 from tokenizer import load_tokenizer
@@ -661,21 +662,24 @@ def test_load_model_reads_safely_picks_the_dtype_and_shards_on_meta(quantized, c
     assert ". size mismatch for layers.0.feed_forward.w3.weight" in detail and "\n" not in detail
 
 
+def mapped_resident_kb(path) -> int:
+    """The resident kB of this process's mappings of the file at path (Linux's /proc/self/smaps)."""
+    import re
+    mappings = re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", open("/proc/self/smaps").read())
+    return sum(int(re.search(r"^Rss:\s+(\d+) kB", m, re.M)[1]) for m in mappings if m.split("\n")[0].endswith(str(path)))
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads the resident set of a mapping (Linux)")
 def test_pages_of_the_mapped_file_are_handed_back_and_no_other_memory(tmp_path):
     """A tensor of a memory-mapped checkpoint, once read, holds its pages resident; handed back (a
     run of its rows first, then the whole), they leave the resident set and a later read takes them
     from the file again, unchanged. A copy out
     of the file (or one torch.load did not map) has no pages of it to hand back."""
-    import re
     path = tmp_path / "model.pth"
     torch.save({"codes": torch.arange(2**20).to(torch.uint8), "norm": torch.ones(8)}, path)
     state = torch.load(path, mmap=True, weights_only=True)
     storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage() for tensor in state.values()}
-
-    def resident_kb() -> int:
-        mappings = re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", open("/proc/self/smaps").read())
-        return sum(int(re.search(r"^Rss:\s+(\d+) kB", m, re.M)[1]) for m in mappings if m.split("\n")[0].endswith(str(path)))
+    resident_kb = partial(mapped_resident_kb, path)
 
     codes = state["codes"]
     expected = codes.clone()
@@ -688,3 +692,28 @@ def test_pages_of_the_mapped_file_are_handed_back_and_no_other_memory(tmp_path):
     release_pages(file_pages(codes, storages))
     assert resident_kb() <= 16  # the pages the storage shares with the file's other bytes, at most
     assert torch.equal(codes, expected)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads the resident set of a mapping (Linux)")
+def test_a_float_tensor_converted_at_load_holds_one_run_of_its_file_at_a_time(tmp_path, monkeypatch):
+    """Converting a mapped float32 tensor to another dtype reads it run by run and hands each run's
+    pages back before the next is read: a float32 embedding of a large vocabulary is never resident
+    whole beside its copy. The copy holds the same values as converting it whole."""
+    path = tmp_path / "model.pth"
+    torch.manual_seed(0)
+    torch.save({"weight": torch.randn(2**12, 2**11)}, path)  # 32 MB
+    state = torch.load(path, mmap=True, weights_only=True)
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage() for tensor in state.values()}
+    layer = torch.nn.Linear(2**11, 2**12, bias=False, device="meta")
+    layer.load_state_dict(state, assign=True)
+    expected = state["weight"].to(torch.bfloat16)
+    release_pages(file_pages(state["weight"], storages))
+    resident_at_release = []
+    monkeypatch.setattr("model.CONVERT_BYTES", 2**22)
+    monkeypatch.setattr("model.release_pages", lambda pages: (resident_at_release.append(mapped_resident_kb(path)),
+                                                              release_pages(pages)))
+    convert_in_place(layer, torch.bfloat16, storages)
+    assert layer.weight.dtype == torch.bfloat16 and torch.equal(layer.weight, expected)
+    # a run of 4 MB, and what the kernel maps beside it (up to a 2 MB folio of the page cache either side)
+    assert len(resident_at_release) == 9 and max(resident_at_release) <= 8192, resident_at_release
+    assert mapped_resident_kb(path) <= 16
