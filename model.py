@@ -470,6 +470,13 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def storages_by_address(state: dict) -> dict:
+    """The storages under a loaded checkpoint's tensors, by address: the file_storages that
+    file_pages looks a tensor's storage up in."""
+    storages = (tensor.untyped_storage() for tensor in state.values() if isinstance(tensor, Tensor))
+    return {storage.data_ptr(): storage for storage in storages if storage.nbytes()}
+
+
 def file_pages(tensor: Tensor, file_storages: dict) -> range:
     """The whole pages under a contiguous `tensor` when it lies in one of the memory-mapped
     checkpoint's storages (file_storages, by address); none for any other memory (a copy out of
@@ -541,8 +548,7 @@ def load_model(checkpoint_path: Path, device: str = "cpu", dtype: Optional[torch
     # The file's storages by address, held to the end of the load and with them the mapping: a page
     # release_pages hands back must still be the file's, never memory allocated since at an address
     # the mapping gave up.
-    storages = (tensor.untyped_storage() for tensor in state.values() if isinstance(tensor, Tensor))
-    file_storages = {storage.data_ptr(): storage for storage in storages if storage.nbytes()}
+    file_storages = storages_by_address(state)
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") or quantization is not None else torch.float32
     if quantization is not None:

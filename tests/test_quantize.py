@@ -4,6 +4,7 @@ models, the per-layer evaluation of a quantized file, one clear line for each ba
 packing in slices, and the pages of the mapped file that a load hands back once it has copied them."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import quantize
 import train
 from common import generate
 from conftest import ROOT
-from model import QUANTIZATION_VERSION, Int4Linear, Int8Linear, convert_in_place, file_pages, load_model, release_pages
+from model import (QUANTIZATION_VERSION, Int4Linear, Int8Linear, convert_in_place, file_pages, load_model, release_pages,
+                   storages_by_address)
 from self_spec import speculative_generate
 from test_self_spec import greedy
 from tokenizer import load_tokenizer
@@ -597,7 +599,6 @@ def test_load_model_reads_safely_picks_the_dtype_and_shards_on_meta(quantized, c
     (No GPU is needed: the model's final move is recorded, and stays on the CPU.) A shard hook sees
     the meta model, the state and the quantization entry, under the meta device, and what it
     returns is what gets loaded. A bad file and a config mismatch are reported in one line."""
-    import re
     import model
     from model import Transformer
     path, int8, int4 = checkpoints("llama2")[0], quantized("llama2", "int8"), quantized("llama2", "int4")
@@ -664,7 +665,6 @@ def test_load_model_reads_safely_picks_the_dtype_and_shards_on_meta(quantized, c
 
 def mapped_resident_kb(path) -> int:
     """The resident kB of this process's mappings of the file at path (Linux's /proc/self/smaps)."""
-    import re
     mappings = re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", open("/proc/self/smaps").read())
     return sum(int(re.search(r"^Rss:\s+(\d+) kB", m, re.M)[1]) for m in mappings if m.split("\n")[0].endswith(str(path)))
 
@@ -678,7 +678,7 @@ def test_pages_of_the_mapped_file_are_handed_back_and_no_other_memory(tmp_path):
     path = tmp_path / "model.pth"
     torch.save({"codes": torch.arange(2**20).to(torch.uint8), "norm": torch.ones(8)}, path)
     state = torch.load(path, mmap=True, weights_only=True)
-    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage() for tensor in state.values()}
+    storages = storages_by_address(state)
     resident_kb = partial(mapped_resident_kb, path)
 
     codes = state["codes"]
@@ -703,7 +703,7 @@ def test_a_float_tensor_converted_at_load_holds_one_run_of_its_file_at_a_time(tm
     torch.manual_seed(0)
     torch.save({"weight": torch.randn(2**12, 2**11)}, path)  # 32 MB
     state = torch.load(path, mmap=True, weights_only=True)
-    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage() for tensor in state.values()}
+    storages = storages_by_address(state)
     layer = torch.nn.Linear(2**11, 2**12, bias=False, device="meta")
     layer.load_state_dict(state, assign=True)
     expected = state["weight"].to(torch.bfloat16)
